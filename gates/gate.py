@@ -1,0 +1,212 @@
+"""The attention gate: pooled pre-RoPE Q/K → per-head linear → block RoPE → block scores.
+
+Shapes: b batch, s tokens, nb = ceil(s / block_size) blocks, Hq query heads, Hkv key/value
+heads, d model head dim, h gate hidden size.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RotaryFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def block_count(seq_len: int, block_size: int = 64) -> int:
+    """Number of blocks covering `seq_len` tokens: ceil(seq_len / block_size)."""
+    return -(-seq_len // block_size)
+
+
+def _pooling_dtype(x: torch.Tensor) -> torch.dtype:
+    # Sums over 64 tokens in bf16/fp16 lose precision; float64 inputs stay float64.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _blocked(x: torch.Tensor, block_size: int, fill: float) -> torch.Tensor:
+    """Pad x `[b, s, H, c]` along s with `fill` and split it: `[b, nb, block_size, H, c]`."""
+    b, s, heads, c = x.shape
+    nb = block_count(s, block_size)
+    if nb * block_size > s:
+        x = F.pad(x, (0, 0, 0, 0, 0, nb * block_size - s), value=fill)
+    return x.reshape(b, nb, block_size, heads, c)
+
+
+def _block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of x `[b, s, H, c]` over each block of tokens → `[b, nb, H, c]`, in float32+."""
+    s = x.shape[1]
+    sums = _blocked(x.to(_pooling_dtype(x)), block_size, 0.0).sum(dim=2)
+    counts = (s - torch.arange(sums.shape[1], device=x.device) * block_size).clamp(max=block_size)
+    return sums / counts.view(1, -1, 1, 1).to(sums.dtype)
+
+
+def pool_queries(q: torch.Tensor, block_size: int = 64) -> torch.Tensor:
+    """Average pre-RoPE queries over blocks of tokens.
+
+    q: `[b, s, Hq, d]` → `[b, nb, Hq, d]` (float32, or float64 for float64 input). The last,
+    partial block averages only the tokens it has.
+    """
+    return _block_mean(q, block_size)
+
+
+def pool_keys(k: torch.Tensor, block_size: int = 64) -> torch.Tensor:
+    """Max, min and mean of pre-RoPE keys over blocks of tokens, concatenated on channels.
+
+    k: `[b, s, Hkv, d]` → `[b, nb, Hkv, 3d]` (float32, or float64 for float64 input). The last,
+    partial block pools only the tokens it has.
+    """
+    x = k.to(_pooling_dtype(k))
+    high = _blocked(x, block_size, -math.inf).amax(dim=2)
+    low = _blocked(x, block_size, math.inf).amin(dim=2)
+    return torch.cat([high, low, _block_mean(x, block_size)], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the convention of transformers' Llama).
+
+    x: `[b, nb, H, h]`; cos, sin: `[b, nb, h]`, broadcast over heads.
+    """
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def default_rotary(hidden_size: int, theta: float = 10000.0) -> RotaryFn:
+    """Plain RoPE tables of rotary dim `hidden_size`, for models without RoPE scaling.
+
+    Returns a function mapping positions `[b, nb]` (long) to `(cos, sin)`, each `[b, nb, h]`
+    float32.
+    """
+    if hidden_size % 2:
+        raise ValueError(f"the rotary dimension must be even, got {hidden_size}.")
+    exponents = torch.arange(0, hidden_size, 2, dtype=torch.float64) / hidden_size
+    inv_freq = 1.0 / theta**exponents
+
+    def rotary(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(positions.device)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().float(), angles.sin().float()
+
+    return rotary
+
+
+def block_rope_tables(
+    rotary_fn: RotaryFn,
+    num_blocks: int,
+    block_size: int,
+    batch: int,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables at block positions: `rotary_fn` called on the first token of each block.
+
+    Positions `[batch, nb]` = 0, block_size, 2·block_size, …; returns `(cos, sin)` each
+    `[batch, nb, h]` as `rotary_fn` makes them.
+    """
+    starts = torch.arange(num_blocks, device=device, dtype=torch.long) * block_size
+    return rotary_fn(starts.expand(batch, num_blocks))
+
+
+def block_causal_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Scaled block logits with -inf above the diagonal.
+
+    q: `[b, nb, Hq, h]`; k: `[b, nb, Hkv, h]` with Hq a multiple of Hkv (query head i reads
+    key head i // (Hq // Hkv)). Returns `[b, Hq, nb, nb]` = q_i · k_j / sqrt(h).
+    """
+    num_q, num_kv = q.shape[2], k.shape[2]
+    if num_q % num_kv:
+        raise ValueError(f"{num_q} query heads cannot share {num_kv} key heads evenly.")
+    k = k.repeat_interleave(num_q // num_kv, dim=2)
+    logits = torch.einsum("bihc,bjhc->bhij", q, k) / math.sqrt(q.shape[-1])
+    nb = logits.shape[-1]
+    above = torch.ones(nb, nb, dtype=torch.bool, device=q.device).triu(1)
+    return logits.masked_fill(above, -math.inf)
+
+
+class HeadwiseLinear(nn.Module):
+    """One bias-free linear map per head: x `[b, n, H, in]` → `[b, n, H, out]`."""
+
+    def __init__(self, heads: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, in_features, out_features))
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bshi,hio->bsho", x, self.weight.to(x.dtype))
+
+
+class AttnGate(nn.Module):
+    """SeerAttention gate of type `Qavg_Kmaxminavg` for one layer.
+
+    With hidden_size == head_dim and not force_double there is no query linear
+    (`mask_linear_q is None`) and the key linear has Hq heads, applied after pooled keys are
+    repeated to the query heads; otherwise `mask_linear_q` is `[Hq, d, h]` and `mask_linear_k`
+    is `[Hkv, 3d, h]`. Computation runs in float32 (or the weights' dtype if wider).
+    """
+
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        hidden_size: int = 128,
+        block_size: int = 64,
+        force_double: bool = False,
+    ):
+        super().__init__()
+        if min(num_q_heads, num_kv_heads, head_dim, hidden_size, block_size) < 1:
+            raise ValueError("head counts, head_dim, hidden_size and block_size must be positive.")
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"{num_q_heads} query heads cannot share {num_kv_heads} KV heads.")
+        if hidden_size % 2:
+            raise ValueError(f"the gate hidden size must be even for RoPE, got {hidden_size}.")
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.hidden_size = hidden_size
+        self.block_size = block_size
+        self.force_double = force_double
+        if hidden_size == head_dim and not force_double:
+            self.mask_linear_q = None
+            self.mask_linear_k = HeadwiseLinear(num_q_heads, 3 * head_dim, hidden_size)
+        else:
+            self.mask_linear_q = HeadwiseLinear(num_q_heads, head_dim, hidden_size)
+            self.mask_linear_k = HeadwiseLinear(num_kv_heads, 3 * head_dim, hidden_size)
+
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.mask_linear_k.weight.dtype, torch.float32)
+
+    def logits(
+        self,
+        q_pooled: torch.Tensor,
+        k_pooled: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """Block-causal gate logits from pooled inputs.
+
+        q_pooled: `[b, nb, Hq, d]`; k_pooled: `[b, nb, Hkv, 3d]`; cos, sin: `[b, nb, h]` at
+        block positions. Returns `[b, Hq, nb, nb]`, -inf where key block j > query block i.
+        """
+        dtype = self._compute_dtype()
+        q, k = q_pooled.to(dtype), k_pooled.to(dtype)
+        if self.mask_linear_q is None:
+            k = k.repeat_interleave(self.num_q_heads // self.num_kv_heads, dim=2)
+        else:
+            q = self.mask_linear_q(q)
+        k = self.mask_linear_k(k)
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        return block_causal_logits(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Block scores from raw pre-RoPE q `[b, s, Hq, d]` and k `[b, s, Hkv, d]`.
+
+        cos, sin: `[b, nb, h]`. Returns `[b, Hq, nb, nb]`: each row a softmax over key blocks
+        j ≤ i, zero above the diagonal.
+        """
+        q_pooled = pool_queries(q, self.block_size)
+        k_pooled = pool_keys(k, self.block_size)
+        return self.logits(q_pooled, k_pooled, cos, sin).softmax(dim=-1)

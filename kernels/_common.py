@@ -1,0 +1,117 @@
+"""What the Triton kernels share: input checks, launch conditions and the online-softmax step."""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 64  # tokens per block, for the gate and the kernels alike
+SUPPORTED_HEAD_DIMS = (64, 128)
+LOG2_E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def num_blocks(seq_len: int) -> int:
+    return math.ceil(seq_len / BLOCK)
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ``ValueError`` with one sentence for anything a caller can get wrong."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k and v must be 4-D tensors shaped [batch, heads, seq_len, head_dim].")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
+    b, hq, s, d = q.shape
+    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
+            "in batch, seq_len or head_dim."
+        )
+    if s == 0 or b == 0:
+        raise ValueError("q, k and v must hold at least one token.")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} key/value heads.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k and v must be on the same device.")
+
+
+def check_kernel_launch(q: torch.Tensor) -> None:
+    """The Triton kernels need a CUDA tensor, or a CPU tensor under the interpreter."""
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {d} is not supported by the Triton kernels (use 64 or 128).")
+    if q.is_cuda:
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"on the GPU the kernels take float16 or bfloat16, got {q.dtype}.")
+    elif interpreting():
+        if q.dtype not in (torch.float32, torch.float16):
+            raise ValueError(
+                f"under TRITON_INTERPRET=1 the kernels take float32 or float16, got {q.dtype}."
+            )
+    else:
+        raise ValueError(
+            "the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1); "
+            "use the *_reference functions on the CPU."
+        )
+
+
+def contiguous_last(x: torch.Tensor) -> torch.Tensor:
+    """Kernels index the head dimension with unit stride; copy only when it is not."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def softmax_scale(sm_scale: float | None, head_dim: int) -> float:
+    return sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def seq_bucket(seq_len: int) -> int:
+    """Autotune key: lengths bucketed to powers of two so a new prompt length does not re-tune."""
+    return triton.next_power_of_2(seq_len)
+
+
+@triton.jit
+def attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep):
+    """One online-softmax step of FlashAttention over a single key/value tile.
+
+    acc: [BLOCK_M, HEAD_DIM] fp32; l_i, m_i: [BLOCK_M] running sum and max (base-2 domain);
+    q: [BLOCK_M, HEAD_DIM]; k: [HEAD_DIM, BLOCK_N] (transposed); v: [BLOCK_N, HEAD_DIM];
+    keep: [BLOCK_M, BLOCK_N] bool, or None for a full tile that needs no masking.
+    """
+    # [BLOCK_M, BLOCK_N]
+    qk = tl.dot(q, k) * qk_scale
+    if keep is not None:
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+def autotuned(kernel):
+    """Wrap a kernel in an autotuner over warps and pipeline depth, keyed on bucketed length."""
+    configs = [
+        triton.Config({}, num_warps=warps, num_stages=stages)
+        for warps in (4, 8)
+        for stages in (2, 3, 4)
+    ]
+    return triton.autotune(configs=configs, key=["seq_bucket", "HEAD_DIM"])(kernel)
+
+
+def launch(kernel, tuned_kernel, grid, device: torch.device, *args, **constexprs) -> None:
+    """Run ``tuned_kernel`` on the GPU; the interpreter runs ``kernel`` once, untuned."""
+    if interpreting():
+        kernel[grid](*args, **constexprs)
+        return
+    with torch.cuda.device(device):
+        tuned_kernel[grid](*args, **constexprs)

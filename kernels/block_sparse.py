@@ -1,0 +1,170 @@
+"""Block-sparse causal FlashAttention forward over kept 64×64 tiles (Triton).
+
+The online-softmax formulation follows FlashAttention-2 (Dao, 2023); block sparsity as in
+SeerAttention (arXiv 2410.13276). Each program owns one 64-row query block of one head and walks a
+compact list of the key blocks kept for that row, so the inner loop holds no mask branch.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    BLOCK,
+    LOG2_E,
+    attend_tile,
+    autotuned,
+    check_attention_inputs,
+    check_kernel_launch,
+    contiguous_last,
+    launch,
+    num_blocks,
+    seq_bucket,
+    softmax_scale,
+)
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, Out, BlockIdx, BlockCount,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_ib, stride_ih, stride_im,
+    stride_cb, stride_ch,
+    num_q_heads, kv_group, seq_len, qk_scale, seq_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    # The last query rows attend to the most blocks: launch them first.
+    block_m = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)
+    batch = (bh // num_q_heads).to(tl.int64)
+    head = (bh % num_q_heads).to(tl.int64)
+    kv_head = head // kv_group
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+
+    offs_m = block_m * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < seq_len
+    # [BLOCK, HEAD_DIM]
+    q = tl.load(
+        Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+        mask=row_valid[:, None],
+        other=0.0,
+    )
+    acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+
+    # Off-diagonal kept blocks are always full tiles below the diagonal: no masking needed.
+    idx_base = BlockIdx + batch * stride_ib + head * stride_ih + block_m * stride_im
+    count = tl.load(BlockCount + batch * stride_cb + head * stride_ch + block_m)
+    for t in range(0, count):
+        cols = tl.load(idx_base + t).to(tl.int64) * BLOCK + offs_n
+        # [HEAD_DIM, BLOCK]
+        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None])
+        # [BLOCK, HEAD_DIM]
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, None)
+
+    # The diagonal tile, always computed: causal inside, and possibly the partial last block.
+    cols = block_m * BLOCK + offs_n
+    col_valid = cols < seq_len
+    k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=col_valid[None, :], other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=col_valid[:, None], other=0.0)
+    # [BLOCK, BLOCK]
+    keep = (offs_m[:, None] >= cols[None, :]) & col_valid[None, :]
+    acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep)
+
+    out = acc / l_i[:, None]
+    o_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+
+
+_block_sparse_fwd_tuned = autotuned(_block_sparse_fwd)
+
+
+def check_block_mask(block_mask: torch.Tensor, q: torch.Tensor) -> None:
+    b, hq, s, _ = q.shape
+    nb = num_blocks(s)
+    if block_mask.dtype != torch.bool:
+        raise ValueError(f"block_mask must be a bool tensor, got {block_mask.dtype}.")
+    if tuple(block_mask.shape) != (b, hq, nb, nb):
+        raise ValueError(
+            f"block_mask must be shaped [batch, q_heads, nb, nb] = {(b, hq, nb, nb)} "
+            f"for seq_len {s}, got {tuple(block_mask.shape)}."
+        )
+    if block_mask.device != q.device:
+        raise ValueError("block_mask must be on the same device as q.")
+
+
+def kept_block_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """List each query block row's kept off-diagonal key blocks, in ascending order.
+
+    block_mask: [b, H, nb, nb] bool. Returns ``(indices [b, H, nb, w] int32, counts [b, H, nb]
+    int32)`` where row ``i`` keeps ``indices[..., i, :counts[..., i]]``; the diagonal block is
+    left out of the list because the kernel always computes it, and blocks above it are ignored.
+    """
+    nb = block_mask.shape[-1]
+    below_diagonal = torch.ones(nb, nb, dtype=torch.bool, device=block_mask.device).tril(-1)
+    off_diagonal = block_mask & below_diagonal
+    counts = off_diagonal.sum(-1, dtype=torch.int32)
+    width = max(int(counts.max()), 1)
+    # A stable sort on "not kept" brings the kept columns to the front, still in order.
+    order = torch.sort((~off_diagonal).to(torch.uint8), dim=-1, stable=True).indices
+    return order[..., :width].to(torch.int32).contiguous(), counts
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention computed only on the kept 64×64 tiles.
+
+    Args:
+        q: [b, Hq, s, d] queries (after RoPE); any s ≥ 1, d in (64, 128).
+        k, v: [b, Hkv, s, d]; Hq must be a multiple of Hkv (query head h reads key/value head
+            h // (Hq // Hkv); nothing is repeated in memory).
+        block_mask: [b, Hq, nb, nb] bool with nb = ceil(s / 64); only the lower triangle is read.
+            The diagonal block is always computed (every token attends to itself), so a row that
+            keeps only its diagonal, or nothing at all, is valid.
+        sm_scale: softmax scale, default 1 / sqrt(d).
+
+    Returns:
+        out: [b, Hq, s, d] in q's dtype. float16/bfloat16 on CUDA; float32/float16 on the CPU
+        under ``TRITON_INTERPRET=1``.
+    """
+    check_attention_inputs(q, k, v)
+    check_kernel_launch(q)
+    check_block_mask(block_mask, q)
+    indices, counts = kept_block_indices(block_mask)
+    return _launch_block_sparse(q, k, v, indices, counts, softmax_scale(sm_scale, q.shape[-1]))
+
+
+def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor:
+    q, k, v = (contiguous_last(x) for x in (q, k, v))
+    b, hq, s, d = q.shape
+    out = torch.empty_like(q)
+    grid = (b * hq, num_blocks(s))
+    launch(
+        _block_sparse_fwd, _block_sparse_fwd_tuned, grid, q.device,
+        q, k, v, out, indices, counts,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        counts.stride(0), counts.stride(1),
+        hq, hq // k.shape[1], s, scale * LOG2_E, seq_bucket(s),
+        HEAD_DIM=d, BLOCK=BLOCK,
+    )  # fmt: skip
+    return out
+
+
+__all__ = ["block_sparse_attention", "kept_block_indices"]

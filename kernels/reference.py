@@ -1,0 +1,130 @@
+"""Plain-PyTorch references of the Triton kernels, also the attention path on machines without a GPU.
+
+Both work one chunk of query blocks at a time, so memory grows with the chunk, never with s².
+They compute in the inputs' dtype with the softmax in float32, as the kernels do.
+"""
+
+import torch
+
+from ._common import BLOCK, check_attention_inputs, num_blocks, softmax_scale
+from .block_sparse import check_block_mask
+
+# Scores held at once per chunk (elements): bounds the references' working memory (~256 MB fp32).
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def _pad_to_blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
+    """[b, H, s, d] → [b, H, nb, BLOCK, d], zero-padding the last block."""
+    b, h, s, d = x.shape
+    padded = x.new_zeros(b, h, nb * BLOCK, d)
+    padded[:, :, :s] = x
+    return padded.view(b, h, nb, BLOCK, d)
+
+
+def _rows_per_chunk(per_row_elements: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(per_row_elements, 1))
+
+
+def block_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """Reference of :func:`block_sparse_attention`, same arguments and result, any device/dtype.
+
+    Gathers each query block's kept key/value blocks (the diagonal always included) and runs
+    one batched matmul per chunk of query block rows.
+    """
+    check_attention_inputs(q, k, v)
+    check_block_mask(block_mask, q)
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    nb = num_blocks(s)
+    scale = softmax_scale(sm_scale, d)
+    device = q.device
+
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+    diagonal = torch.eye(nb, dtype=torch.bool, device=device)
+    kept = (block_mask & causal) | diagonal
+    counts = kept.sum(-1)
+    width = int(counts.max())
+    # Kept columns first, in ascending order; the tail of each row is padding.
+    indices = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+    slot_used = torch.arange(width, device=device) < counts[..., None]
+
+    q_blocks = _pad_to_blocks(q, nb)
+    k_blocks = _pad_to_blocks(k, nb)
+    v_blocks = _pad_to_blocks(v, nb)
+    batch_index = torch.arange(b, device=device)[:, None, None, None]
+    kv_head_index = (torch.arange(hq, device=device) // (hq // hkv))[None, :, None, None]
+    token = torch.arange(BLOCK, device=device)
+
+    out = q.new_empty(b, hq, nb, BLOCK, d)
+    step = _rows_per_chunk(b * hq * BLOCK * width * BLOCK)
+    for start in range(0, nb, step):
+        rows = slice(start, min(start + step, nb))
+        idx = indices[:, :, rows]
+        # [b, Hq, R, w, BLOCK, d]
+        k_kept = k_blocks[batch_index, kv_head_index, idx]
+        v_kept = v_blocks[batch_index, kv_head_index, idx]
+        # [b, Hq, R, BLOCK, w, BLOCK]
+        scores = torch.einsum("bhrmd,bhrwnd->bhrmwn", q_blocks[:, :, rows], k_kept).float() * scale
+        query_pos = (torch.arange(rows.start, rows.stop, device=device)[:, None] * BLOCK + token)
+        key_pos = idx[..., None] * BLOCK + token  # [b, Hq, R, w, BLOCK]
+        allowed = (
+            slot_used[:, :, rows, None, :, None]
+            & (key_pos[:, :, :, None] <= query_pos[None, None, :, :, None, None])
+            & (key_pos[:, :, :, None] < s)
+        )
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        r = scores.shape[2]
+        probs = torch.softmax(scores.view(b, hq, r, BLOCK, width * BLOCK), dim=-1)
+        probs = probs.view_as(scores).to(v.dtype)
+        out[:, :, rows] = torch.einsum("bhrmwn,bhrwnd->bhrmd", probs, v_kept)
+    return out.view(b, hq, nb * BLOCK, d)[:, :, :s]
+
+
+def pooled_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`pooled_attention`: (out [b, Hq, s, d], gt [b, Hq, nb, nb] float32)."""
+    check_attention_inputs(q, k, v)
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    nb = num_blocks(s)
+    scale = softmax_scale(sm_scale, d)
+    device = q.device
+
+    # Query heads of one GQA group share a key/value head: fold them into the row axis.
+    q_grouped = _pad_to_blocks(q, nb).view(b, hkv, group, nb, BLOCK, d)
+    k_padded = _pad_to_blocks(k, nb).view(b, hkv, nb * BLOCK, d)
+    v_padded = _pad_to_blocks(v, nb).view(b, hkv, nb * BLOCK, d)
+    key_pos = torch.arange(nb * BLOCK, device=device)
+
+    out = q.new_empty(b, hkv, group, nb, BLOCK, d)
+    peak = torch.zeros(b, hkv, group, nb, nb, dtype=torch.float32, device=device)
+    step = _rows_per_chunk(b * hq * BLOCK * nb * BLOCK)
+    for start in range(0, nb, step):
+        rows = slice(start, min(start + step, nb))
+        r = rows.stop - rows.start
+        query_pos = torch.arange(rows.start * BLOCK, rows.stop * BLOCK, device=device)
+        q_rows = q_grouped[:, :, :, rows].reshape(b, hkv, group * r * BLOCK, d)
+        # [b, Hkv, group, R·BLOCK, nb·BLOCK]
+        scores = (q_rows @ k_padded.transpose(-1, -2)).float().view(b, hkv, group, r * BLOCK, -1)
+        allowed = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < s)
+        probs = torch.softmax((scores * scale).masked_fill(~allowed, float("-inf")), dim=-1)
+        rows_out = probs.to(v.dtype).view(b, hkv, group * r * BLOCK, -1) @ v_padded
+        out[:, :, :, rows] = rows_out.view(b, hkv, group, r, BLOCK, d)
+        # Padded query rows of the last block must not count towards any tile's peak.
+        probs = probs * (query_pos < s)[:, None]
+        tiles = probs.view(b, hkv, group, r, BLOCK, nb, BLOCK)
+        peak[:, :, :, rows] = tiles.amax(dim=(4, 6))
+    out = out.view(b, hq, nb * BLOCK, d)[:, :, :s]
+    peak = peak.view(b, hq, nb, nb)
+    return out, peak / peak.sum(-1, keepdim=True)

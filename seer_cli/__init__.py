@@ -1,0 +1,1 @@
+"""seer: long-context LLM inference with SeerAttention block-sparse prefill."""
