@@ -1,7 +1,7 @@
 """Plain-PyTorch references of the Triton kernels, also the attention path on machines without a GPU.
 
 Both work one chunk of query blocks at a time, so memory grows with the chunk, never with s².
-They compute in the inputs' dtype with the softmax in float32, as the kernels do.
+They compute in the inputs' dtype with the softmax in at least float32, as the kernels do.
 """
 
 import torch
@@ -19,6 +19,10 @@ def _pad_to_blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
     padded = x.new_zeros(b, h, nb * BLOCK, d)
     padded[:, :, :s] = x
     return padded.view(b, h, nb, BLOCK, d)
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _rows_per_chunk(per_row_elements: int) -> int:
@@ -70,7 +74,8 @@ def block_sparse_attention_reference(
         k_kept = k_blocks[batch_index, kv_head_index, idx]
         v_kept = v_blocks[batch_index, kv_head_index, idx]
         # [b, Hq, R, BLOCK, w, BLOCK]
-        scores = torch.einsum("bhrmd,bhrwnd->bhrmwn", q_blocks[:, :, rows], k_kept).float() * scale
+        scores = torch.einsum("bhrmd,bhrwnd->bhrmwn", q_blocks[:, :, rows], k_kept)
+        scores = scores.to(_softmax_dtype(q.dtype)) * scale
         query_pos = (torch.arange(rows.start, rows.stop, device=device)[:, None] * BLOCK + token)
         key_pos = idx[..., None] * BLOCK + token  # [b, Hq, R, w, BLOCK]
         allowed = (
@@ -108,7 +113,7 @@ def pooled_attention_reference(
     key_pos = torch.arange(nb * BLOCK, device=device)
 
     out = q.new_empty(b, hkv, group, nb, BLOCK, d)
-    peak = torch.zeros(b, hkv, group, nb, nb, dtype=torch.float32, device=device)
+    peak = torch.zeros(b, hkv, group, nb, nb, dtype=_softmax_dtype(q.dtype), device=device)
     step = _rows_per_chunk(b * hq * BLOCK * nb * BLOCK)
     for start in range(0, nb, step):
         rows = slice(start, min(start + step, nb))
@@ -116,7 +121,7 @@ def pooled_attention_reference(
         query_pos = torch.arange(rows.start * BLOCK, rows.stop * BLOCK, device=device)
         q_rows = q_grouped[:, :, :, rows].reshape(b, hkv, group * r * BLOCK, d)
         # [b, Hkv, group, R·BLOCK, nb·BLOCK]
-        scores = (q_rows @ k_padded.transpose(-1, -2)).float().view(b, hkv, group, r * BLOCK, -1)
+        scores = (q_rows @ k_padded.transpose(-1, -2)).to(_softmax_dtype(q.dtype)).view(b, hkv, group, r * BLOCK, -1)
         allowed = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < s)
         probs = torch.softmax((scores * scale).masked_fill(~allowed, float("-inf")), dim=-1)
         rows_out = probs.to(v.dtype).view(b, hkv, group * r * BLOCK, -1) @ v_padded
@@ -127,4 +132,4 @@ def pooled_attention_reference(
         peak[:, :, :, rows] = tiles.amax(dim=(4, 6))
     out = out.view(b, hq, nb * BLOCK, d)[:, :, :s]
     peak = peak.view(b, hq, nb, nb)
-    return out, peak / peak.sum(-1, keepdim=True)
+    return out, (peak / peak.sum(-1, keepdim=True)).to(torch.float32)

@@ -1,0 +1,256 @@
+"""Triton kernels against their PyTorch references and a dense float64 oracle.
+
+The same file runs on the CPU (under TRITON_INTERPRET=1, float32/float16) and on a GPU
+(float16/bfloat16, plus long sequences).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, needs_gpu, needs_kernel_device
+
+from seer_kernels import (
+    BLOCK,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    num_blocks,
+    pooled_attention,
+    pooled_attention_reference,
+)
+
+# (seq_len, q_heads, kv_heads, head_dim): lengths around block edges, GQA ratios 1, 3 and 4.
+SHAPES = [
+    (1, 2, 2, 64),
+    (63, 3, 1, 64),
+    (65, 4, 1, 64),
+    (200, 6, 2, 128),
+    (1000, 4, 4, 64),
+]
+MASKS = ["random", "diagonal", "full"]
+
+
+def shape_id(shape) -> str:
+    s, hq, hkv, d = shape
+    return f"s{s}-hq{hq}-hkv{hkv}-d{d}"
+
+
+def random_qkv(shape, dtype, device, batch=2, seed=0):
+    s, hq, hkv, d = shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(batch, hq, s, d, generator=gen)
+    k = torch.randn(batch, hkv, s, d, generator=gen)
+    v = torch.randn(batch, hkv, s, d, generator=gen)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v)]
+
+
+def make_mask(kind, batch, heads, seq_len, device, seed=0):
+    nb = num_blocks(seq_len)
+    if kind == "full":
+        return torch.ones(batch, heads, nb, nb, dtype=torch.bool, device=device)
+    if kind == "diagonal":
+        return torch.eye(nb, dtype=torch.bool, device=device).expand(batch, heads, nb, nb).clone()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.rand(batch, heads, nb, nb, generator=gen) < 0.4).to(device)
+
+
+def oracle_probs(q, k, block_mask=None):
+    """Dense float64 causal attention probabilities [b, Hq, s, s], optionally block-masked."""
+    b, hq, s, d = q.shape
+    group = hq // k.shape[1]
+    k = k.double().repeat_interleave(group, dim=1)
+    scores = (q.double() @ k.transpose(-1, -2)) / math.sqrt(d)
+    allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    if block_mask is not None:
+        nb = num_blocks(s)
+        kept = block_mask | torch.eye(nb, dtype=torch.bool, device=q.device)
+        tokens = kept.repeat_interleave(BLOCK, -1).repeat_interleave(BLOCK, -2)[..., :s, :s]
+        allowed = allowed & tokens
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def oracle_attention(q, k, v, block_mask=None):
+    group = q.shape[1] // k.shape[1]
+    return oracle_probs(q, k, block_mask) @ v.double().repeat_interleave(group, dim=1)
+
+
+def oracle_pooled_map(q, k):
+    probs = oracle_probs(q, k)
+    b, hq, s, _ = probs.shape
+    nb = num_blocks(s)
+    padded = probs.new_zeros(b, hq, nb * BLOCK, nb * BLOCK)
+    padded[:, :, :s, :s] = probs
+    peak = padded.view(b, hq, nb, BLOCK, nb, BLOCK).amax(dim=(3, 5))
+    return peak / peak.sum(-1, keepdim=True)
+
+
+def rel_error(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def assert_close_to_oracle(kernel_out, same_precision_out, oracle):
+    """The kernel's error may be at most ~2× what PyTorch makes in the same precision."""
+    assert not torch.isnan(kernel_out).any(), "output has NaN (an element was never written?)"
+    torch_err = rel_error(same_precision_out, oracle)
+    kernel_err = rel_error(kernel_out, oracle)
+    assert kernel_err <= 2 * torch_err + 1e-5, f"kernel {kernel_err:.2e} vs torch {torch_err:.2e}"
+
+
+# --- references against the float64 oracle (always run, any machine) ---
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_block_sparse_reference_matches_oracle(shape, mask_kind):
+    q, k, v = random_qkv(shape, torch.float64, "cpu")
+    mask = make_mask(mask_kind, 2, shape[1], shape[0], "cpu")
+    out = block_sparse_attention_reference(q, k, v, mask)
+    torch.testing.assert_close(out, oracle_attention(q, k, v, mask), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_pooled_reference_matches_oracle(shape):
+    q, k, v = random_qkv(shape, torch.float64, "cpu", seed=1)
+    out, gt = pooled_attention_reference(q, k, v)
+    torch.testing.assert_close(out, oracle_attention(q, k, v), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gt.double(), oracle_pooled_map(q, k), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gt.sum(-1), torch.ones_like(gt.sum(-1)))
+
+
+def test_reference_chunking_gives_the_same_result(monkeypatch):
+    """Forcing one query block per chunk must not change the references' results."""
+    import seer_kernels.reference as reference
+
+    q, k, v = random_qkv((300, 4, 2, 64), torch.float64, "cpu", seed=2)
+    mask = make_mask("random", 2, 4, 300, "cpu", seed=2)
+    whole = block_sparse_attention_reference(q, k, v, mask)
+    whole_out, whole_gt = pooled_attention_reference(q, k, v)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 1)
+    torch.testing.assert_close(block_sparse_attention_reference(q, k, v, mask), whole)
+    chunked_out, chunked_gt = pooled_attention_reference(q, k, v)
+    torch.testing.assert_close(chunked_out, whole_out)
+    torch.testing.assert_close(chunked_gt, whole_gt)
+
+
+# --- Triton kernels (interpreter on CPU, or a GPU) ---
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_block_sparse_kernel(shape, mask_kind, dtype, poisoned_empty):
+    q, k, v = random_qkv(shape, dtype, KERNEL_DEVICE, seed=3)
+    mask = make_mask(mask_kind, 2, shape[1], shape[0], KERNEL_DEVICE, seed=3)
+    out = block_sparse_attention(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    same_precision = block_sparse_attention_reference(q, k, v, mask)
+    assert_close_to_oracle(out, same_precision, oracle_attention(q, k, v, mask))
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_full_mask_equals_sdpa(shape, dtype):
+    q, k, v = random_qkv(shape, dtype, KERNEL_DEVICE, seed=4)
+    mask = make_mask("full", 2, shape[1], shape[0], KERNEL_DEVICE)
+    group = shape[1] // shape[2]
+    sdpa = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True
+    )
+    assert_close_to_oracle(block_sparse_attention(q, k, v, mask), sdpa, oracle_attention(q, k, v))
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_pooled_kernel(shape, dtype, poisoned_empty):
+    q, k, v = random_qkv(shape, dtype, KERNEL_DEVICE, seed=5)
+    out, gt = pooled_attention(q, k, v)
+    ref_out, ref_gt = pooled_attention_reference(q, k, v)
+    assert_close_to_oracle(out, ref_out, oracle_attention(q, k, v))
+    oracle_gt = oracle_pooled_map(q, k)
+    assert gt.shape == oracle_gt.shape and gt.dtype == torch.float32
+    assert_close_to_oracle(gt, ref_gt, oracle_gt)
+    assert torch.all(gt.triu(1) == 0)
+
+
+@needs_kernel_device
+def test_custom_scale_and_strided_inputs():
+    """A non-default scale and non-contiguous (transposed) inputs give the reference's result."""
+    b, s, hq, hkv, d = 1, 130, 4, 2, 64
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(b, s, hq, d, generator=gen).to(KERNEL_DEVICE, KERNEL_DTYPES[0]).transpose(1, 2)
+    k = torch.randn(b, s, hkv, d, generator=gen).to(KERNEL_DEVICE, KERNEL_DTYPES[0]).transpose(1, 2)
+    v = torch.randn(b, s, hkv, d, generator=gen).to(KERNEL_DEVICE, KERNEL_DTYPES[0]).transpose(1, 2)
+    mask = make_mask("random", b, hq, s, KERNEL_DEVICE, seed=6)
+    out = block_sparse_attention(q, k, v, mask, sm_scale=0.05)
+    ref = block_sparse_attention_reference(q, k, v, mask, sm_scale=0.05)
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    out_p, gt = pooled_attention(q, k, v, sm_scale=0.05)
+    ref_p, ref_gt = pooled_attention_reference(q, k, v, sm_scale=0.05)
+    torch.testing.assert_close(out_p, ref_p, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(gt, ref_gt, rtol=2e-3, atol=2e-3)
+
+
+# --- input validation ---
+
+
+def _valid_inputs():
+    q, k, v = random_qkv((70, 4, 2, 64), torch.float32, "cpu")
+    return q, k, v, make_mask("full", 2, 4, 70, "cpu")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda q, k, v, m: (q[0], k, v, m), "4-D"),
+        (lambda q, k, v, m: (q, k, v[:, :, :10], m), "same shape"),
+        (lambda q, k, v, m: (q, k[:, :, :10], v[:, :, :10], m), "does not match"),
+        (lambda q, k, v, m: (q[:, :3], k, v, m), "not a multiple"),
+        (lambda q, k, v, m: (q, k.double(), v, m), "one dtype"),
+        (lambda q, k, v, m: (q, k, v, m.float()), "bool"),
+        (lambda q, k, v, m: (q, k, v, m[:, :, :1]), "block_mask must be shaped"),
+    ],
+    ids=["not-4d", "kv-shape", "kv-length", "gqa-ratio", "dtype", "mask-dtype", "mask-shape"],
+)
+def test_bad_inputs_raise_value_error(change, message):
+    args = change(*_valid_inputs())
+    with pytest.raises(ValueError, match=message):
+        block_sparse_attention_reference(*args)
+
+
+def test_kernel_rejects_unsupported_head_dim():
+    q, k, v = random_qkv((10, 2, 2, 32), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="head_dim 32"):
+        pooled_attention(q, k, v)
+
+
+@pytest.mark.skipif(KERNEL_DEVICE is not None, reason="only without a GPU or the interpreter")
+def test_kernel_without_gpu_says_what_to_do():
+    q, k, v, mask = _valid_inputs()
+    with pytest.raises(ValueError, match="reference"):
+        block_sparse_attention(q, k, v, mask)
+
+
+# --- long sequences on a GPU ---
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("seq_len", [4097, 16384, 32768])
+def test_long_sequences_on_gpu(seq_len, dtype):
+    shape = (seq_len, 8, 2, 128)
+    q, k, v = random_qkv(shape, dtype, "cuda", batch=1, seed=7)
+    mask = make_mask("random", 1, 8, seq_len, "cuda", seed=7)
+    # float32 reference of the same inputs stands in for the oracle at this length.
+    gold = block_sparse_attention_reference(q.float(), k.float(), v.float(), mask).double()
+    same_precision = block_sparse_attention_reference(q, k, v, mask)
+    assert_close_to_oracle(block_sparse_attention(q, k, v, mask), same_precision, gold)
+    if seq_len <= 16384:
+        out, gt = pooled_attention(q, k, v)
+        gold_out, gold_gt = pooled_attention_reference(q.float(), k.float(), v.float())
+        ref_out, ref_gt = pooled_attention_reference(q, k, v)
+        assert_close_to_oracle(out, ref_out, gold_out.double())
+        assert_close_to_oracle(gt, ref_gt, gold_gt.double())
