@@ -42,7 +42,7 @@ def random_topk_mask(heads: int, seq_len: int, sparsity: float, device: str) -> 
     order = scores.topk(int(keep_count.max()), dim=-1).indices
     chosen = torch.arange(order.shape[-1], device=device) < keep_count[:, None]
     mask = torch.zeros(1, heads, nb, nb, dtype=torch.bool, device=device)
-    return mask.scatter_(-1, order, chosen)
+    return mask.scatter_(-1, order, chosen.expand_as(order))
 
 
 def median_ms(fn) -> float:

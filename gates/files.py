@@ -83,6 +83,7 @@ class GateConfig:
         _require_supported(self.gate_type)
 
     def to_json(self) -> str:
+        """One-line JSON of every field, keys sorted."""
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod

@@ -26,6 +26,8 @@ def _pooling_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _blocked(x: torch.Tensor, block_size: int, fill: float) -> torch.Tensor:
     """Pad x `[b, s, H, c]` along s with `fill` and split it: `[b, nb, block_size, H, c]`."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a [batch, seq, heads, dim] tensor, got {tuple(x.shape)}.")
     b, s, heads, c = x.shape
     nb = block_count(s, block_size)
     if nb * block_size > s:
@@ -35,9 +37,9 @@ def _blocked(x: torch.Tensor, block_size: int, fill: float) -> torch.Tensor:
 
 def _block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean of x `[b, s, H, c]` over each block of tokens → `[b, nb, H, c]`, in float32+."""
-    s = x.shape[1]
     sums = _blocked(x.to(_pooling_dtype(x)), block_size, 0.0).sum(dim=2)
-    counts = (s - torch.arange(sums.shape[1], device=x.device) * block_size).clamp(max=block_size)
+    starts = torch.arange(sums.shape[1], device=x.device) * block_size
+    counts = (x.shape[1] - starts).clamp(max=block_size)
     return sums / counts.view(1, -1, 1, 1).to(sums.dtype)
 
 

@@ -38,9 +38,9 @@ def _causal(nb: int, device: torch.device) -> torch.Tensor:
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
 
 
-def _forced(nb: int, policy: MaskPolicy, device: torch.device) -> torch.Tensor:
-    """Blocks kept whatever the scores: `[nb, nb]` bool."""
-    forced = torch.eye(nb, dtype=torch.bool, device=device)
+def _forced(nb: int, policy: MaskPolicy) -> torch.Tensor:
+    """Blocks kept whatever the scores: `[nb, nb]` bool, on the CPU."""
+    forced = torch.eye(nb, dtype=torch.bool)
     if policy.keep_sink:
         forced[:, 0] = True
     if policy.dense_last_row:
@@ -49,7 +49,7 @@ def _forced(nb: int, policy: MaskPolicy, device: torch.device) -> torch.Tensor:
 
 
 def _row_budgets(forced: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
-    """Blocks to keep in each query row under top-k sparsity: `[nb]` long.
+    """Blocks to keep in each query row under top-k sparsity: `[nb]` long, on the CPU.
 
     Row i keeps max(forced_i, ceil(r·(i+1))) blocks. With a dense last row, r is lowered so
     that the whole map, last row included, reaches the requested sparsity.
@@ -59,7 +59,7 @@ def _row_budgets(forced: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
     total = nb * (nb + 1) // 2
     if policy.dense_last_row and nb > 1:
         density = min(max((density * total - nb) / (total - nb), 0.0), 1.0)
-    lengths = torch.arange(1, nb + 1, dtype=torch.float64, device=forced.device)
+    lengths = torch.arange(1, nb + 1, dtype=torch.float64)
     wanted = torch.ceil(density * lengths - _CEIL_SLACK).long()
     return torch.maximum(wanted, forced.sum(dim=-1)).minimum(lengths.long())
 
@@ -76,11 +76,13 @@ def select_blocks(scores: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
         raise ValueError(f"scores must end in two equal block axes, got {tuple(scores.shape)}.")
     nb, device = scores.shape[-1], scores.device
     causal = _causal(nb, device)
-    forced = _forced(nb, policy, device)
+    forced_cpu = _forced(nb, policy)
+    forced = forced_cpu.to(device)
     if policy.threshold is not None:
         return (scores > policy.threshold) & causal | forced
 
-    budgets = _row_budgets(forced, policy)
+    # Budgets depend only on nb and the policy; on the CPU, reading their max needs no sync.
+    budgets = _row_budgets(forced_cpu, policy)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=device)
     # A dense last row needs no ranking, and leaving it out keeps topk's k small.
     rows = nb - 1 if policy.dense_last_row else nb
@@ -88,7 +90,7 @@ def select_blocks(scores: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
         ranked = scores[..., :rows, :].float()
         ranked = ranked.masked_fill(~causal[:rows], -math.inf).masked_fill(forced[:rows], math.inf)
         top = ranked.topk(int(budgets[:rows].max()), dim=-1).indices
-        keep = torch.arange(top.shape[-1], device=device) < budgets[:rows].unsqueeze(-1)
+        keep = (torch.arange(top.shape[-1]) < budgets[:rows, None]).to(device)
         mask[..., :rows, :].scatter_(-1, top, keep.expand_as(top))
     # A -inf causal score can tie with the masked upper triangle; causality wins.
     return mask & causal | forced
