@@ -93,6 +93,10 @@ def run(lengths: list[int]) -> list[str]:
             indices, counts = kept_block_indices(mask)
             scale = 1 / math.sqrt(HEAD_DIM)
             kernel = median_ms(lambda: _launch_block_sparse(q, k, v, indices, counts, scale))
+            rows_inner = median_ms(
+                lambda: _launch_block_sparse(q, k, v, indices, counts, scale, rows_inner=True)
+            )
+            print(f"variant rows_inner {seq_len} {sparsity}: {rows_inner:.2f} vs {kernel:.2f}")
             tflops = kept * 4 * BLOCK * BLOCK * HEAD_DIM / (kernel * 1e-3) / 1e12
             lines.append(
                 f"| {seq_len} | {sparsity:.2f} | {1 - kept / causal_blocks:.3f} | {total:.2f} "

@@ -34,11 +34,15 @@ def _block_sparse_fwd(
     stride_ib, stride_ih, stride_im,
     stride_cb, stride_ch,
     num_q_heads, kv_group, seq_len, qk_scale, seq_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROWS_INNER: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
-    # The last query rows attend to the most blocks: launch them first.
-    block_m = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)
+    if ROWS_INNER:
+        bh = tl.program_id(1)
+        block_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+    else:
+        bh = tl.program_id(0)
+        # The last query rows attend to the most blocks: launch them first.
+        block_m = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)
     batch = (bh // num_q_heads).to(tl.int64)
     head = (bh % num_q_heads).to(tl.int64)
     kv_head = head // kv_group
@@ -147,11 +151,11 @@ def block_sparse_attention(
     return _launch_block_sparse(q, k, v, indices, counts, softmax_scale(sm_scale, q.shape[-1]))
 
 
-def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor:
+def _launch_block_sparse(q, k, v, indices, counts, scale: float, rows_inner=False) -> torch.Tensor:
     q, k, v = (contiguous_last(x) for x in (q, k, v))
     b, hq, s, d = q.shape
     out = torch.empty_like(q)
-    grid = (b * hq, num_blocks(s))
+    grid = (num_blocks(s), b * hq) if rows_inner else (b * hq, num_blocks(s))
     launch(
         _block_sparse_fwd, _block_sparse_fwd_tuned, grid, q.device,
         q, k, v, out, indices, counts,
@@ -162,7 +166,7 @@ def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor
         indices.stride(0), indices.stride(1), indices.stride(2),
         counts.stride(0), counts.stride(1),
         hq, hq // k.shape[1], s, scale * LOG2_E, seq_bucket(s),
-        HEAD_DIM=d, BLOCK=BLOCK,
+        HEAD_DIM=d, BLOCK=BLOCK, ROWS_INNER=rows_inner,
     )  # fmt: skip
     return out
 

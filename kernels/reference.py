@@ -29,6 +29,25 @@ def _rows_per_chunk(per_row_elements: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(per_row_elements, 1))
 
 
+def _chunks_of_rows(row_widths: list[int], elements_per_block: int):
+    """Consecutive query block rows grouped so that rows × widest row stays within the budget
+    and padding narrower rows to the widest wastes at most a quarter of the work.
+
+    Yields (rows slice, width): each row of the chunk gathers ``width`` key blocks.
+    """
+    start = 0
+    while start < len(row_widths):
+        stop, width, needed = start + 1, row_widths[start], row_widths[start]
+        while stop < len(row_widths):
+            wider = max(width, row_widths[stop])
+            padded = (stop + 1 - start) * wider
+            if padded * elements_per_block > _CHUNK_ELEMENTS or padded > 1.25 * (needed + row_widths[stop]):
+                break
+            stop, width, needed = stop + 1, wider, needed + row_widths[stop]
+        yield slice(start, stop), width
+        start = stop
+
+
 def block_sparse_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -53,41 +72,34 @@ def block_sparse_attention_reference(
     diagonal = torch.eye(nb, dtype=torch.bool, device=device)
     kept = (block_mask & causal) | diagonal
     counts = kept.sum(-1)
-    width = int(counts.max())
     # Kept columns first, in ascending order; the tail of each row is padding.
-    indices = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
-    slot_used = torch.arange(width, device=device) < counts[..., None]
+    indices = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices
+    # Padding slots get a key position past every query, so the causal test drops them too.
+    slot = torch.arange(nb, device=device)
+    no_key = nb * BLOCK
+    token = torch.arange(BLOCK, device=device)
 
     q_blocks = _pad_to_blocks(q, nb)
     k_blocks = _pad_to_blocks(k, nb)
     v_blocks = _pad_to_blocks(v, nb)
     batch_index = torch.arange(b, device=device)[:, None, None, None]
     kv_head_index = (torch.arange(hq, device=device) // (hq // hkv))[None, :, None, None]
-    token = torch.arange(BLOCK, device=device)
 
     out = q.new_empty(b, hq, nb, BLOCK, d)
-    step = _rows_per_chunk(b * hq * BLOCK * width * BLOCK)
-    for start in range(0, nb, step):
-        rows = slice(start, min(start + step, nb))
-        idx = indices[:, :, rows]
-        # [b, Hq, R, w, BLOCK, d]
-        k_kept = k_blocks[batch_index, kv_head_index, idx]
-        v_kept = v_blocks[batch_index, kv_head_index, idx]
-        # [b, Hq, R, BLOCK, w, BLOCK]
-        scores = torch.einsum("bhrmd,bhrwnd->bhrmwn", q_blocks[:, :, rows], k_kept)
-        scores = scores.to(_softmax_dtype(q.dtype)) * scale
-        query_pos = (torch.arange(rows.start, rows.stop, device=device)[:, None] * BLOCK + token)
-        key_pos = idx[..., None] * BLOCK + token  # [b, Hq, R, w, BLOCK]
-        allowed = (
-            slot_used[:, :, rows, None, :, None]
-            & (key_pos[:, :, :, None] <= query_pos[None, None, :, :, None, None])
-            & (key_pos[:, :, :, None] < s)
-        )
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        r = scores.shape[2]
-        probs = torch.softmax(scores.view(b, hq, r, BLOCK, width * BLOCK), dim=-1)
-        probs = probs.view_as(scores).to(v.dtype)
-        out[:, :, rows] = torch.einsum("bhrmwn,bhrwnd->bhrmd", probs, v_kept)
+    for rows, width in _chunks_of_rows(counts.amax(dim=(0, 1)).tolist(), b * hq * BLOCK * BLOCK):
+        r = rows.stop - rows.start
+        idx = indices[:, :, rows, :width]
+        # [b, Hq, R, w·BLOCK, d]
+        k_kept = k_blocks[batch_index, kv_head_index, idx].view(b, hq, r, width * BLOCK, d)
+        v_kept = v_blocks[batch_index, kv_head_index, idx].view(b, hq, r, width * BLOCK, d)
+        used = slot[:width] < counts[:, :, rows, None]
+        key_pos = torch.where(used[..., None], idx[..., None] * BLOCK + token, no_key)
+        query_pos = torch.arange(rows.start * BLOCK, rows.stop * BLOCK, device=device)
+        # [b, Hq, R, BLOCK, w·BLOCK]
+        allowed = key_pos.view(b, hq, r, 1, -1) <= query_pos.view(r, BLOCK, 1)
+        scores = (q_blocks[:, :, rows] @ k_kept.transpose(-1, -2)).to(_softmax_dtype(q.dtype))
+        probs = torch.softmax((scores * scale).masked_fill(~allowed, float("-inf")), dim=-1)
+        out[:, :, rows] = probs.to(v.dtype) @ v_kept
     return out.view(b, hq, nb * BLOCK, d)[:, :, :s]
 
 

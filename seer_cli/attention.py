@@ -1,0 +1,164 @@
+"""SeerAttention inside transformers models, through ``transformers.AttentionInterface``.
+
+During prefill (a prompt processed in one pass, no cache yet) every layer scores its 64×64
+blocks — with the trained gates, from the pre-RoPE queries and keys caught by forward hooks, or
+with the training-free pooled estimator — keeps blocks by the mask policy, and computes attention
+on the kept blocks only. Decode steps, and anything else, go to transformers' own SDPA path.
+"""
+
+import copy
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from seer_gates import (
+    MaskPolicy,
+    block_count,
+    block_rope_tables,
+    kept_causal_blocks,
+    pooled_qk_scores,
+    select_blocks,
+)
+from seer_kernels import block_sparse_attention, block_sparse_attention_reference
+
+ATTENTION_NAME = "seer"
+
+
+def attention_kernel(device: torch.device) -> str:
+    """The one place that picks the sparse attention kernel: ``triton`` on a GPU, else
+    ``reference``; ``SEER_ATTENTION_KERNEL`` overrides (tests force ``triton`` on the CPU
+    under the Triton interpreter)."""
+    forced = os.environ.get("SEER_ATTENTION_KERNEL")
+    if forced:
+        return forced
+    return "triton" if device.type == "cuda" else "reference"
+
+
+@dataclass
+class SparsityStats:
+    """Kept and causal block counts per layer, summed over heads and prefills."""
+
+    kept: dict[int, int] = field(default_factory=dict)
+    total: dict[int, int] = field(default_factory=dict)
+
+    def record(self, layer: int, kept: int, total: int) -> None:
+        self.kept[layer] = self.kept.get(layer, 0) + kept
+        self.total[layer] = self.total.get(layer, 0) + total
+
+    def overall(self) -> float | None:
+        total = sum(self.total.values())
+        return 1 - sum(self.kept.values()) / total if total else None
+
+    def per_layer(self) -> list[float]:
+        return [1 - self.kept[layer] / self.total[layer] for layer in sorted(self.total)]
+
+
+class SparsePrefill:
+    """Sparse prefill for one loaded model.
+
+    Args:
+        model: a transformers causal LM of the Llama, Mistral, Qwen2 or Qwen3 family.
+        policy: how gate scores become block masks.
+        gates: one AttnGate per layer, or None for the training-free pooled estimator.
+    """
+
+    def __init__(self, model, policy: MaskPolicy, gates: torch.nn.ModuleList | None):
+        self.model = model
+        self.policy = policy
+        self.gates = gates
+        self.stats = SparsityStats()
+        self._captured: dict[int, dict[str, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks = []
+        self._attach()
+
+    # --- set-up ---
+
+    def _attach(self) -> None:
+        for layer_idx, layer in enumerate(self.model.model.layers):
+            attn = layer.self_attn
+            attn.seer_prefill = self
+            if self.gates is not None:
+                # Qwen3 normalizes q and k per head before RoPE: the gates read the normalized ones.
+                q_mod, k_mod = (
+                    (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else (attn.q_proj, attn.k_proj)
+                )
+                self._hooks.append(q_mod.register_forward_hook(self._catch(layer_idx, "q")))
+                self._hooks.append(k_mod.register_forward_hook(self._catch(layer_idx, "k")))
+        self.model.set_attn_implementation(ATTENTION_NAME)
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for layer in self.model.model.layers:
+            del layer.self_attn.seer_prefill
+        self.model.set_attn_implementation("sdpa")
+
+    def _catch(self, layer_idx: int, name: str):
+        head_dim = self.model.model.layers[layer_idx].self_attn.head_dim
+
+        def hook(module, inputs, output):
+            if output.shape[1] > 1:  # prefill only; decode steps are dense
+                b, s = output.shape[:2]
+                self._captured.setdefault(layer_idx, {})[name] = output.view(b, s, -1, head_dim)
+
+        return hook
+
+    # --- per layer, during prefill ---
+
+    def attend(self, layer_idx: int, q, k, v, scaling: float | None) -> torch.Tensor:
+        """Sparse causal attention of one layer. q: [b, Hq, s, d], k/v: [b, Hkv, s, d]."""
+        scores = self._scores(layer_idx, q, k)
+        mask = select_blocks(scores, self.policy)
+        kept, total = kept_causal_blocks(mask)
+        self.stats.record(layer_idx, kept, total)
+        if kept == total:
+            # Every block kept is dense attention: the dense kernel does it best.
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
+            )
+        if attention_kernel(q.device) == "triton":
+            return block_sparse_attention(q, k, v, mask, scaling)
+        return block_sparse_attention_reference(q, k, v, mask, scaling)
+
+    def _scores(self, layer_idx: int, q, k) -> torch.Tensor:
+        if self.gates is None:
+            return pooled_qk_scores(q, k)
+        captured = self._captured.pop(layer_idx)
+        gate = self.gates[layer_idx]
+        cos, sin = self._block_rope(block_count(q.shape[2]), q.shape[0], q.device)
+        return gate(captured["q"], captured["k"], cos, sin)
+
+    def _block_rope(self, num_blocks: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables at block positions, from the model's own rotary class at the gate's width."""
+        key = (num_blocks, batch, device)
+        if key not in self._rope_cache:
+            config = copy.deepcopy(self.model.config)
+            config.head_dim = self.gates[0].hidden_size
+            rotary = type(self.model.model.rotary_emb)(config=config, device=device)
+            probe = torch.empty(1, device=device, dtype=torch.float32)
+
+            def rotary_fn(positions):
+                return rotary(probe, positions)
+
+            self._rope_cache = {key: block_rope_tables(rotary_fn, num_blocks, 64, batch, device)}
+        return self._rope_cache[key]
+
+
+def seer_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention function registered as ``"seer"``: sparse on prefill, SDPA otherwise."""
+    prefill = getattr(module, "seer_prefill", None)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if prefill is None or q_len == 1 or q_len != kv_len or attention_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    out = prefill.attend(module.layer_idx, query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, seer_attention_forward)
+# Masks as for SDPA: none at all for an unpadded causal prompt, so prefill sees attention_mask None.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

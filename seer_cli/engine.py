@@ -1,0 +1,166 @@
+"""The library API behind the CLI: load a model with its gates once, then generate.
+
+    engine = Engine.load(EngineOptions(sparsity=0.9))
+    prompt = engine.prompt(document=text, instruction="Summarise this.")
+    result = engine.generate(prompt.ids, SamplingOptions(max_tokens=100), on_text=print)
+"""
+
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SeerError
+from .generation import GenerationResult, SamplingOptions, generate
+from .models import load_model, resolve_model
+from .prompt import PromptTokens, build_prompt
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class EngineOptions:
+    """``gates``: a gate file or published folder, ``auto`` (the gates shipped for the model) or
+    ``pooled`` (training-free). With neither sparsity nor threshold, or ``dense``, attention is
+    the unmodified model's."""
+
+    model: str | None = None
+    gates: str = "auto"
+    sparsity: float | None = None
+    threshold: float | None = None
+    dense: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+
+    @property
+    def sparse(self) -> bool:
+        return not self.dense and (self.sparsity is not None or self.threshold is not None)
+
+
+def pick_device(name: str):
+    import torch
+
+    if name not in DEVICES:
+        raise SeerError(f"unknown device {name!r} (choose from {', '.join(DEVICES)}).")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SeerError("--device cuda was asked for, but no CUDA GPU is available.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device):
+    import torch
+
+    if name not in DTYPES:
+        raise SeerError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)}).")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def shipped_gates(model_name: str) -> Path | None:
+    """The gate file shipped in the package for ``model_name``, if there is one."""
+    resource = importlib.resources.files("seer_gates") / "pretrained" / f"{model_name}.safetensors"
+    return Path(str(resource)) if resource.is_file() else None
+
+
+def model_shape(config) -> dict:
+    heads = config.num_attention_heads
+    return {
+        "num_layers": config.num_hidden_layers,
+        "num_q_heads": heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+    }
+
+
+class Engine:
+    def __init__(self, model, tokenizer, name: str, sparse_prefill=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.sparse_prefill = sparse_prefill
+
+    @classmethod
+    def load(cls, options: EngineOptions) -> "Engine":
+        from seer_gates import MaskPolicy
+
+        policy = None
+        if options.sparse:
+            try:
+                policy = MaskPolicy(sparsity=options.sparsity, threshold=options.threshold)
+            except ValueError as error:
+                raise SeerError(str(error)) from error
+        device = pick_device(options.device)
+        dtype = pick_dtype(options.dtype, device)
+        source = resolve_model(options.model)
+        gate_path = _gate_path(options.gates, source.name) if policy else None
+        model, tokenizer = load_model(source, device, dtype)
+        sparse_prefill = None
+        if policy is not None:
+            from .attention import SparsePrefill
+
+            gates = _load_gates(gate_path, model, source.name, device) if gate_path else None
+            sparse_prefill = SparsePrefill(model, policy, gates)
+        return cls(model, tokenizer, source.name, sparse_prefill)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def prompt(
+        self,
+        *,
+        document: str | None = None,
+        instruction: str | None = None,
+        system: str | None = None,
+        max_tokens: int = 256,
+        truncate: str | None = None,
+    ) -> PromptTokens:
+        return build_prompt(
+            self.tokenizer,
+            document=document,
+            instruction=instruction,
+            system=system,
+            max_prompt_tokens=self.context_length - max_tokens,
+            truncate=truncate,
+        )
+
+    def generate(self, prompt_ids: list[int], options: SamplingOptions, **callbacks) -> GenerationResult:
+        if self.sparse_prefill is not None:
+            self.sparse_prefill.stats.kept.clear()
+            self.sparse_prefill.stats.total.clear()
+        result = generate(self.model, self.tokenizer, prompt_ids, options, **callbacks)
+        if self.sparse_prefill is not None:
+            result.stats.sparsity = self.sparse_prefill.stats.overall()
+            result.stats.sparsity_per_layer = self.sparse_prefill.stats.per_layer()
+        return result
+
+
+def _gate_path(gates: str, model_name: str) -> str | None:
+    """None means the training-free pooled estimator."""
+    if gates == "pooled":
+        return None
+    if gates == "auto":
+        path = shipped_gates(model_name)
+        if path is None:
+            raise SeerError(
+                f"no gates are shipped for {model_name}: train them with `seer distill`, "
+                "pass --gates FILE, or use --gates pooled (training-free)."
+            )
+        return str(path)
+    if not Path(gates).exists():
+        raise SeerError(f"gate file {gates} does not exist.")
+    return gates
+
+
+def _load_gates(path: str, model, model_name: str, device):
+    from seer_gates import GateFileError, GateMismatchError, check_fits, load_gates
+
+    try:
+        config, gates = load_gates(path)
+        check_fits(config, model_name=model_name, **model_shape(model.config))
+    except (GateFileError, GateMismatchError) as error:
+        raise SeerError(str(error)) from error
+    return gates.to(device).eval()

@@ -1,0 +1,206 @@
+"""Prefill, token-by-token decode, streaming and timing stats.
+
+``prefill`` and ``decode_one_token`` are separate so each can be timed; the clock is read only
+after the device has finished its work.
+"""
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TextStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass
+class SamplingOptions:
+    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationStats:
+    """Field names follow llama.cpp's server, with ttft_ms, sparsity and peak memory added."""
+
+    prompt_n: int = 0
+    prompt_ms: float = 0.0
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
+    ttft_ms: float = 0.0
+    sparsity: float | None = None
+    sparsity_per_layer: list[float] = field(default_factory=list)
+    peak_memory_gb: float = 0.0
+    truncated_tokens: int = 0
+    interrupted: bool = False
+
+    @property
+    def prompt_per_second(self) -> float:
+        return self.prompt_n / (self.prompt_ms / 1000) if self.prompt_ms else 0.0
+
+    @property
+    def predicted_per_second(self) -> float:
+        return self.predicted_n / (self.predicted_ms / 1000) if self.predicted_ms else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["prompt_per_second"] = self.prompt_per_second
+        data["predicted_per_second"] = self.predicted_per_second
+        return data
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    stats: GenerationStats
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, on_layer: Callable[[int, int], None] | None = None):
+    """Run the whole prompt once. Returns (logits of the last position [b, vocab], cache).
+
+    ``on_layer(done, total)`` is called as each decoder layer starts, for progress display.
+    """
+    layers = model.model.layers
+    hooks = []
+    if on_layer is not None:
+        for index, layer in enumerate(layers):
+            hooks.append(layer.register_forward_pre_hook(
+                lambda *_, done=index: on_layer(done, len(layers))
+            ))
+    try:
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out.logits[:, -1], out.past_key_values
+
+
+@torch.inference_mode()
+def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
+    """One decode step: token [b, 1] → logits [b, vocab]."""
+    return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+class _Sampler:
+    def __init__(self, options: SamplingOptions, device: torch.device):
+        self.greedy = options.temperature == 0
+        warpers = [TemperatureLogitsWarper(options.temperature)] if not self.greedy else []
+        if options.top_k > 0:
+            warpers.append(TopKLogitsWarper(options.top_k))
+        if options.top_p < 1:
+            warpers.append(TopPLogitsWarper(options.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.generator = torch.Generator(device=device)
+        if options.seed is not None:
+            self.generator.manual_seed(options.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Next token [b, 1]; the warpers in use only look at the logits, not at input_ids."""
+        if self.greedy:
+            return logits.argmax(dim=-1, keepdim=True)
+        probs = torch.softmax(self.warpers(input_ids, logits.float()), dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)
+
+
+class _CallbackStreamer(TextStreamer):
+    """transformers' streamer (whole words, no broken UTF-8), writing through a callback."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    options: SamplingOptions,
+    *,
+    on_text: Callable[[str], None] = lambda text: None,
+    on_prefill_layer: Callable[[int, int], None] | None = None,
+    on_first_token: Callable[[], None] = lambda: None,
+) -> GenerationResult:
+    """Prefill ``prompt_ids``, then sample up to ``options.max_tokens`` tokens, streaming text.
+
+    Ctrl-C during decoding stops early and returns what was generated, marked interrupted.
+    """
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sampler = _Sampler(options, device)
+    stop_ids = _stop_ids(model, tokenizer)
+    streamer = _CallbackStreamer(tokenizer, on_text)
+    stats = GenerationStats(prompt_n=len(prompt_ids))
+    input_ids = torch.tensor([prompt_ids], device=device)
+    generated: list[int] = []
+
+    _synchronize(device)
+    start = time.perf_counter()
+    logits, cache = prefill(model, input_ids, on_prefill_layer)
+    token = sampler(input_ids, logits)
+    _synchronize(device)
+    stats.prompt_ms = stats.ttft_ms = (time.perf_counter() - start) * 1000
+    on_first_token()
+
+    decode_start = time.perf_counter()
+    try:
+        while True:
+            token_id = int(token)
+            if token_id in stop_ids:
+                break
+            generated.append(token_id)
+            streamer.put(torch.tensor([token_id]))
+            if len(generated) >= options.max_tokens:
+                break
+            token = sampler(input_ids, decode_one_token(model, token, cache))
+    except KeyboardInterrupt:
+        stats.interrupted = True
+    streamer.end()
+    _synchronize(device)
+    stats.predicted_ms = (time.perf_counter() - decode_start) * 1000
+    stats.predicted_n = len(generated)
+    stats.peak_memory_gb = _peak_memory_gb(device)
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    return GenerationResult(text, stats)
