@@ -1,0 +1,26 @@
+"""The ``seer`` command: one module per sub-command under ``seer_cli.commands``."""
+
+import typer
+
+from .commands import generate
+
+app = typer.Typer(
+    name="seer",
+    help="Long-context LLM inference with SeerAttention block-sparse prefill.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.command("generate")(generate.generate)
+
+
+@app.callback()
+def root() -> None:
+    """Long-context LLM inference with SeerAttention block-sparse prefill.
+
+    Exit codes: 0 success, 1 user error, 2 usage error, 130 interrupted.
+    """
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""One module per sub-command; heavy libraries are imported inside command bodies."""

@@ -1,0 +1,98 @@
+"""``seer generate``: one prompt (and optionally a document) in, streamed text out."""
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from .. import options as opt
+from ..console import handle_user_errors, stderr, warn, write_product
+from ..errors import SeerError
+
+
+@handle_user_errors
+def generate(
+    file: Annotated[
+        str | None,
+        typer.Option("--file", "-f", help="Document to read; '-' (or a pipe) means stdin."),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="The instruction (with a file: what to do with it).")
+    ] = None,
+    system: opt.System = None,
+    model: opt.Model = None,
+    gates: opt.Gates = "auto",
+    sparsity: opt.Sparsity = None,
+    threshold: opt.Threshold = None,
+    dense: opt.Dense = False,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "auto",
+    max_tokens: opt.MaxTokens = 256,
+    temp: opt.Temperature = 0.0,
+    top_p: opt.TopP = 1.0,
+    top_k: opt.TopK = 0,
+    seed: opt.Seed = None,
+    truncate: opt.Truncate = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (text and stats), nothing else.")
+    ] = False,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text when it is complete.")] = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Generate text from a prompt and/or a document, with sparse prefill."""
+    opt.check_generation_flags(
+        sparsity=sparsity, threshold=threshold, dense=dense, max_tokens=max_tokens,
+        temperature=temp, top_p=top_p, top_k=top_k, truncate=truncate,
+    )  # fmt: skip
+    document = _read_input(file)
+    if document is None and not prompt:
+        raise SeerError("nothing to generate from: give --prompt, --file, or text on stdin.")
+    if document is not None and document.replaced_invalid_utf8 and not quiet:
+        warn(f"{document.source} is not valid UTF-8; undecodable bytes were replaced.")
+
+    from ..engine import Engine, EngineOptions
+    from ..generation import SamplingOptions
+    from ..progress import PrefillProgress, print_stats, quiet_libraries
+
+    quiet_libraries()
+    engine = Engine.load(
+        EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
+                      dense=dense, device=device, dtype=dtype)
+    )  # fmt: skip
+    tokens = engine.prompt(
+        document=document.text if document else None, instruction=prompt, system=system,
+        max_tokens=max_tokens, truncate=truncate,
+    )  # fmt: skip
+    if tokens.cut_tokens and not quiet:
+        warn(f"cut {tokens.cut_tokens} tokens from the {truncate} of the document to fit the context.")
+    stream = not (json_output or no_stream)
+    progress = PrefillProgress(enabled=not quiet)
+    with progress:
+        result = engine.generate(
+            tokens.ids,
+            SamplingOptions(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed),
+            on_text=write_product if stream else (lambda text: None),
+            on_prefill_layer=progress.layer_started,
+            on_first_token=progress.stop,
+        )
+    result.stats.truncated_tokens = tokens.cut_tokens
+    if json_output:
+        write_product(json.dumps({"model": engine.name, "text": result.text, **result.stats.to_dict()}) + "\n")
+    else:
+        write_product(("" if stream else result.text) + "\n")
+    if not quiet and not json_output:
+        print_stats(stderr, result.stats, requested_sparsity=sparsity)
+    if result.stats.interrupted:
+        raise KeyboardInterrupt
+
+
+def _read_input(file: str | None):
+    from ..prompt import decode_text, read_document
+
+    if file is not None:
+        return read_document(file)
+    if sys.stdin is not None and not sys.stdin.isatty():
+        data = sys.stdin.buffer.read()
+        return decode_text(data, "<stdin>") if data.strip() else None
+    return None

@@ -1,0 +1,53 @@
+"""Progress and stats on stderr, in words people already read from mlx-lm and llama.cpp."""
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .console import stderr
+from .generation import GenerationStats
+
+
+def quiet_libraries() -> None:
+    """The libraries' own progress bars and warnings would mix with ours on stderr."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+class PrefillProgress:
+    """A transient bar over the decoder layers while the prompt is prefilled."""
+
+    def __init__(self, enabled: bool):
+        self._progress = Progress(
+            TextColumn("prefill"), BarColumn(), TextColumn("layer {task.completed}/{task.total}"),
+            TimeElapsedColumn(), console=stderr, transient=True, disable=not enabled,
+        )  # fmt: skip
+        self._task = None
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def layer_started(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._progress.add_task("prefill", total=total)
+        self._progress.update(self._task, completed=done)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def print_stats(console: Console, stats: GenerationStats, requested_sparsity: float | None) -> None:
+    console.print(
+        f"Prompt: {stats.prompt_n} tokens, {stats.prompt_per_second:.1f} tokens-per-sec, "
+        f"TTFT {stats.ttft_ms / 1000:.3f} s"
+    )
+    console.print(f"Generation: {stats.predicted_n} tokens, {stats.predicted_per_second:.1f} tokens-per-sec")
+    if stats.sparsity is not None:
+        asked = f" (requested {requested_sparsity:.2f})" if requested_sparsity is not None else ""
+        console.print(f"Sparsity: {stats.sparsity:.3f} of causal blocks skipped{asked}")
+    console.print(f"Peak memory: {stats.peak_memory_gb:.2f} GB")
