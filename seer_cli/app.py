@@ -2,7 +2,7 @@
 
 import typer
 
-from .commands import generate
+from .commands import distill, generate
 
 app = typer.Typer(
     name="seer",
@@ -12,6 +12,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.command("generate")(generate.generate)
+app.command("distill")(distill.distill)
 
 
 @app.callback()

@@ -82,13 +82,8 @@ class SparsePrefill:
         for layer_idx, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
             attn.seer_prefill = self
-            if self.gates is not None:
-                # Qwen3 normalizes q and k per head before RoPE: the gates read the normalized ones.
-                q_mod, k_mod = (
-                    (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else (attn.q_proj, attn.k_proj)
-                )
-                self._hooks.append(q_mod.register_forward_hook(self._catch(layer_idx, "q")))
-                self._hooks.append(k_mod.register_forward_hook(self._catch(layer_idx, "k")))
+        if self.gates is not None:
+            self._hooks = catch_pre_rope(self.model, self._store)
         self.model.set_attn_implementation(ATTENTION_NAME)
 
     def detach(self) -> None:
@@ -98,15 +93,8 @@ class SparsePrefill:
             del layer.self_attn.seer_prefill
         self.model.set_attn_implementation("sdpa")
 
-    def _catch(self, layer_idx: int, name: str):
-        head_dim = self.model.model.layers[layer_idx].self_attn.head_dim
-
-        def hook(module, inputs, output):
-            if output.shape[1] > 1:  # prefill only; decode steps are dense
-                b, s = output.shape[:2]
-                self._captured.setdefault(layer_idx, {})[name] = output.view(b, s, -1, head_dim)
-
-        return hook
+    def _store(self, layer_idx: int, name: str, x: torch.Tensor) -> None:
+        self._captured.setdefault(layer_idx, {})[name] = x
 
     # --- per layer, during prefill ---
 
@@ -134,19 +122,39 @@ class SparsePrefill:
         return gate(captured["q"], captured["k"], cos, sin)
 
     def _block_rope(self, num_blocks: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables at block positions, from the model's own rotary class at the gate's width."""
         key = (num_blocks, batch, device)
         if key not in self._rope_cache:
-            config = copy.deepcopy(self.model.config)
-            config.head_dim = self.gates[0].hidden_size
-            rotary = type(self.model.model.rotary_emb)(config=config, device=device)
-            probe = torch.empty(1, device=device, dtype=torch.float32)
-
-            def rotary_fn(positions):
-                return rotary(probe, positions)
-
-            self._rope_cache = {key: block_rope_tables(rotary_fn, num_blocks, 64, batch, device)}
+            tables = block_rope(self.model, self.gates[0].hidden_size, num_blocks, batch, device)
+            self._rope_cache = {key: tables}
         return self._rope_cache[key]
+
+
+def block_rope(model, hidden_size: int, num_blocks: int, batch: int, device):
+    """Gate RoPE tables ``(cos, sin)`` ``[batch, nb, h]`` at block positions, from the model's
+    own rotary class (its theta and scaling) at the gate's width."""
+    config = copy.deepcopy(model.config)
+    config.head_dim = hidden_size
+    rotary = type(model.model.rotary_emb)(config=config).to(device)
+    probe = torch.empty(1, device=device, dtype=torch.float32)
+    return block_rope_tables(lambda positions: rotary(probe, positions), num_blocks, 64, batch, device)
+
+
+def catch_pre_rope(model, store) -> list:
+    """Forward hooks that pass each layer's pre-RoPE queries and keys of a prompt (more than
+    one token) to ``store(layer_idx, "q" | "k", x [b, s, H, d])``. Returns the hook handles."""
+    handles = []
+    for layer_idx, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        # Qwen3 normalizes q and k per head before RoPE: the gates read the normalized ones.
+        q_mod, k_mod = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else (attn.q_proj, attn.k_proj)
+        for name, module in (("q", q_mod), ("k", k_mod)):
+
+            def hook(module, inputs, output, layer_idx=layer_idx, name=name, head_dim=attn.head_dim):
+                if output.shape[1] > 1:
+                    store(layer_idx, name, output.view(*output.shape[:2], -1, head_dim))
+
+            handles.append(module.register_forward_hook(hook))
+    return handles
 
 
 def seer_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
