@@ -12,12 +12,10 @@ import datetime
 import math
 import os
 import subprocess
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
-
 from seer_kernels import (
     BLOCK,
     block_sparse_attention,
@@ -26,6 +24,8 @@ from seer_kernels import (
     num_blocks,
 )
 from seer_kernels.block_sparse import _launch_block_sparse
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95)
@@ -70,17 +70,20 @@ def run(lengths: list[int]) -> list[str]:
         gen = torch.Generator(device=device).manual_seed(seq_len)
         shape = (1, Q_HEADS, seq_len, HEAD_DIM)
         q = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
-        k = torch.randn((1, KV_HEADS, seq_len, HEAD_DIM), device=device, dtype=torch.bfloat16,
-                        generator=gen)
+        k = torch.randn(
+            (1, KV_HEADS, seq_len, HEAD_DIM), device=device, dtype=torch.bfloat16, generator=gen
+        )
         v = torch.randn_like(k)
         k_rep = k.repeat_interleave(Q_HEADS // KV_HEADS, 1)
         v_rep = v.repeat_interleave(Q_HEADS // KV_HEADS, 1)
         dense = {}
-        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
-                              ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        for name, backend in (
+            ("flash", SDPBackend.FLASH_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
             with sdpa_kernel(backend):
                 dense[name] = median_ms(
-                    lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)
+                    partial(F.scaled_dot_product_attention, q, k_rep, v_rep, is_causal=True)
                 )
         del k_rep, v_rep
         nb = num_blocks(seq_len)
@@ -89,14 +92,10 @@ def run(lengths: list[int]) -> list[str]:
             mask = random_topk_mask(Q_HEADS, seq_len, sparsity, device)
             kept = int(mask.sum())
             err = check(q, k, v, mask) if sparsity >= 0.5 or seq_len <= 32768 else float("nan")
-            total = median_ms(lambda: block_sparse_attention(q, k, v, mask))
+            total = median_ms(partial(block_sparse_attention, q, k, v, mask))
             indices, counts = kept_block_indices(mask)
             scale = 1 / math.sqrt(HEAD_DIM)
-            kernel = median_ms(lambda: _launch_block_sparse(q, k, v, indices, counts, scale))
-            rows_inner = median_ms(
-                lambda: _launch_block_sparse(q, k, v, indices, counts, scale, rows_inner=True)
-            )
-            print(f"variant rows_inner {seq_len} {sparsity}: {rows_inner:.2f} vs {kernel:.2f}")
+            kernel = median_ms(partial(_launch_block_sparse, q, k, v, indices, counts, scale))
             tflops = kept * 4 * BLOCK * BLOCK * HEAD_DIM / (kernel * 1e-3) / 1e12
             lines.append(
                 f"| {seq_len} | {sparsity:.2f} | {1 - kept / causal_blocks:.3f} | {total:.2f} "
@@ -117,11 +116,16 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU.")
-    commit = os.environ.get("SEER_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    title = (f"Device: {torch.cuda.get_device_name()}, date: {datetime.date.today()}, "
-             f"commit: {commit}, torch {torch.__version__}")
+    commit = (
+        os.environ.get("SEER_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
+    title = (
+        f"Device: {torch.cuda.get_device_name()}, date: {datetime.date.today()}, "
+        f"commit: {commit}, torch {torch.__version__}"
+    )
     print(title, flush=True)
     lines = run(args.lengths)
     table = "\n".join([title, "", *lines])

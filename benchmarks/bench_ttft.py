@@ -49,17 +49,23 @@ def main() -> None:
     rows, texts = [], {}
     for name, options in variants.items():
         engine = Engine.load(options)
-        ids = engine.prompt(document=read_document(args.file).text, instruction="Summarise this.",
-                            max_tokens=40, truncate="end").ids
-        ids = ids[-args.tokens:]
+        ids = engine.prompt(
+            document=read_document(args.file).text,
+            instruction="Summarise this.",
+            max_tokens=40,
+            truncate="end",
+        ).ids
+        ids = ids[-args.tokens :]
         median, spread, sparsity = ttft_ms(engine, ids, args.repeats)
         texts[name] = greedy_text(engine, ids, 40)
         rows.append((name, len(ids), median, spread, sparsity))
         del engine
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"Device: {device}, date: {datetime.date.today()}, commit: {os.environ.get('SEER_COMMIT', '?')}")
+    commit = os.environ.get("SEER_COMMIT", "?")
+    print(f"Device: {device}, date: {datetime.date.today()}, commit: {commit}")
     print("\n| prefill | prompt tokens | TTFT ms (median ± std) | achieved sparsity | × dense |")
     print("|---|---|---|---|---|")
     dense_ms = rows[0][2]

@@ -26,7 +26,9 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k and v must be 4-D tensors shaped [batch, heads, seq_len, head_dim].")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}."
+        )
     b, hq, s, d = q.shape
     if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
         raise ValueError(

@@ -34,15 +34,12 @@ def _block_sparse_fwd(
     stride_ib, stride_ih, stride_im,
     stride_cb, stride_ch,
     num_q_heads, kv_group, seq_len, qk_scale, seq_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROWS_INNER: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    if ROWS_INNER:
-        bh = tl.program_id(1)
-        block_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
-    else:
-        bh = tl.program_id(0)
-        # The last query rows attend to the most blocks: launch them first.
-        block_m = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)
+    # Programs of one head run together, so the key/value blocks they share stay in L2; within
+    # a head the last query rows, which attend to the most blocks, start first.
+    block_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+    bh = tl.program_id(1)
     batch = (bh // num_q_heads).to(tl.int64)
     head = (bh % num_q_heads).to(tl.int64)
     kv_head = head // kv_group
@@ -77,14 +74,20 @@ def _block_sparse_fwd(
     # The diagonal tile, always computed: causal inside, and possibly the partial last block.
     cols = block_m * BLOCK + offs_n
     col_valid = cols < seq_len
-    k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=col_valid[None, :], other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=col_valid[:, None], other=0.0)
+    k = tl.load(
+        k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=col_valid[None, :], other=0.0
+    )
+    v = tl.load(
+        v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=col_valid[:, None], other=0.0
+    )
     # [BLOCK, BLOCK]
     keep = (offs_m[:, None] >= cols[None, :]) & col_valid[None, :]
     acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep)
 
     out = acc / l_i[:, None]
-    o_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = (
+        Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
 
 
@@ -115,11 +118,16 @@ def kept_block_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     nb = block_mask.shape[-1]
     below_diagonal = torch.ones(nb, nb, dtype=torch.bool, device=block_mask.device).tril(-1)
     off_diagonal = block_mask & below_diagonal
-    counts = off_diagonal.sum(-1, dtype=torch.int32)
+    slot = off_diagonal.cumsum(-1, dtype=torch.int32) - 1
+    counts = slot[..., -1] + 1
     width = max(int(counts.max()), 1)
-    # A stable sort on "not kept" brings the kept columns to the front, still in order.
-    order = torch.sort((~off_diagonal).to(torch.uint8), dim=-1, stable=True).indices
-    return order[..., :width].to(torch.int32).contiguous(), counts
+    # Column j goes to slot (number of kept columns before it); dropped columns go to a spare
+    # last slot that is cut off afterwards.
+    slot = torch.where(off_diagonal, slot, width).long()
+    columns = torch.arange(nb, dtype=torch.int32, device=block_mask.device).expand_as(slot)
+    indices = torch.zeros(*slot.shape[:-1], width + 1, dtype=torch.int32, device=slot.device)
+    indices.scatter_(-1, slot, columns)
+    return indices[..., :width].contiguous(), counts
 
 
 def block_sparse_attention(
@@ -151,11 +159,11 @@ def block_sparse_attention(
     return _launch_block_sparse(q, k, v, indices, counts, softmax_scale(sm_scale, q.shape[-1]))
 
 
-def _launch_block_sparse(q, k, v, indices, counts, scale: float, rows_inner=False) -> torch.Tensor:
+def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor:
     q, k, v = (contiguous_last(x) for x in (q, k, v))
     b, hq, s, d = q.shape
     out = torch.empty_like(q)
-    grid = (num_blocks(s), b * hq) if rows_inner else (b * hq, num_blocks(s))
+    grid = (num_blocks(s), b * hq)
     launch(
         _block_sparse_fwd, _block_sparse_fwd_tuned, grid, q.device,
         q, k, v, out, indices, counts,
@@ -166,7 +174,7 @@ def _launch_block_sparse(q, k, v, indices, counts, scale: float, rows_inner=Fals
         indices.stride(0), indices.stride(1), indices.stride(2),
         counts.stride(0), counts.stride(1),
         hq, hq // k.shape[1], s, scale * LOG2_E, seq_bucket(s),
-        HEAD_DIM=d, BLOCK=BLOCK, ROWS_INNER=rows_inner,
+        HEAD_DIM=d, BLOCK=BLOCK,
     )  # fmt: skip
     return out
 

@@ -48,8 +48,9 @@ def _pooled_fwd(
     num_q_heads, kv_group, seq_len, qk_scale, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
-    block_m = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)
+    # Same launch order as the block-sparse kernel: one head's rows together, longest first.
+    block_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+    bh = tl.program_id(1)
     batch = (bh // num_q_heads).to(tl.int64)
     head = (bh % num_q_heads).to(tl.int64)
     kv_head = head // kv_group
@@ -79,16 +80,22 @@ def _pooled_fwd(
     diag_cols = block_m * BLOCK + offs_n
     col_valid = diag_cols < seq_len
     k_diag = tl.load(
-        k_base + diag_cols[None, :] * stride_ks + offs_d[:, None], mask=col_valid[None, :], other=0.0
+        k_base + diag_cols[None, :] * stride_ks + offs_d[:, None],
+        mask=col_valid[None, :],
+        other=0.0,
     )
     v_diag = tl.load(
-        v_base + diag_cols[:, None] * stride_vs + offs_d[None, :], mask=col_valid[:, None], other=0.0
+        v_base + diag_cols[:, None] * stride_vs + offs_d[None, :],
+        mask=col_valid[:, None],
+        other=0.0,
     )
     # [BLOCK, BLOCK]
     keep = (offs_m[:, None] >= diag_cols[None, :]) & col_valid[None, :]
     acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_diag, v_diag, qk_scale, keep)
     out = acc / l_i[:, None]
-    o_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = (
+        Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
 
     # Pass 2: with each row's final max and sum known, the peak probability of every tile.
@@ -132,7 +139,7 @@ def pooled_attention(
     gt = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
     scale = softmax_scale(sm_scale, d)
     launch(
-        _pooled_fwd, _pooled_fwd_tuned, (b * hq, nb), q.device,
+        _pooled_fwd, _pooled_fwd_tuned, (nb, b * hq), q.device,
         q, k, v, out, gt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

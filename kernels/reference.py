@@ -1,4 +1,4 @@
-"""Plain-PyTorch references of the Triton kernels, also the attention path on machines without a GPU.
+"""Plain-PyTorch references of the Triton kernels; also the attention path without a GPU.
 
 Both work one chunk of query blocks at a time, so memory grows with the chunk, never with s².
 They compute in the inputs' dtype with the softmax in at least float32, as the kernels do.
@@ -41,7 +41,9 @@ def _chunks_of_rows(row_widths: list[int], elements_per_block: int):
         while stop < len(row_widths):
             wider = max(width, row_widths[stop])
             padded = (stop + 1 - start) * wider
-            if padded * elements_per_block > _CHUNK_ELEMENTS or padded > 1.25 * (needed + row_widths[stop]):
+            if padded * elements_per_block > _CHUNK_ELEMENTS or padded > 1.25 * (
+                needed + row_widths[stop]
+            ):
                 break
             stop, width, needed = stop + 1, wider, needed + row_widths[stop]
         yield slice(start, stop), width
@@ -133,7 +135,11 @@ def pooled_attention_reference(
         query_pos = torch.arange(rows.start * BLOCK, rows.stop * BLOCK, device=device)
         q_rows = q_grouped[:, :, :, rows].reshape(b, hkv, group * r * BLOCK, d)
         # [b, Hkv, group, R·BLOCK, nb·BLOCK]
-        scores = (q_rows @ k_padded.transpose(-1, -2)).to(_softmax_dtype(q.dtype)).view(b, hkv, group, r * BLOCK, -1)
+        scores = (
+            (q_rows @ k_padded.transpose(-1, -2))
+            .to(_softmax_dtype(q.dtype))
+            .view(b, hkv, group, r * BLOCK, -1)
+        )
         allowed = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < s)
         probs = torch.softmax((scores * scale).masked_fill(~allowed, float("-inf")), dim=-1)
         rows_out = probs.to(v.dtype).view(b, hkv, group * r * BLOCK, -1) @ v_padded

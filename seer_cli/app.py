@@ -2,7 +2,8 @@
 
 import typer
 
-from .commands import distill, generate
+from .commands import batch, distill, generate
+from .config import apply_config_file
 
 app = typer.Typer(
     name="seer",
@@ -13,14 +14,16 @@ app = typer.Typer(
 )
 app.command("generate")(generate.generate)
 app.command("distill")(distill.distill)
+app.command("batch")(batch.batch)
 
 
 @app.callback()
-def root() -> None:
+def root(ctx: typer.Context) -> None:
     """Long-context LLM inference with SeerAttention block-sparse prefill.
 
     Exit codes: 0 success, 1 user error, 2 usage error, 130 interrupted.
     """
+    apply_config_file(ctx)
 
 
 def main() -> None:

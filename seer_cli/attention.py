@@ -11,10 +11,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
 from seer_gates import (
     MaskPolicy,
     block_count,
@@ -24,6 +20,9 @@ from seer_gates import (
     select_blocks,
 )
 from seer_kernels import block_sparse_attention, block_sparse_attention_reference
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "seer"
 
@@ -79,9 +78,8 @@ class SparsePrefill:
     # --- set-up ---
 
     def _attach(self) -> None:
-        for layer_idx, layer in enumerate(self.model.model.layers):
-            attn = layer.self_attn
-            attn.seer_prefill = self
+        for layer in self.model.model.layers:
+            layer.self_attn.seer_prefill = self
         if self.gates is not None:
             self._hooks = catch_pre_rope(self.model, self._store)
         self.model.set_attn_implementation(ATTENTION_NAME)
@@ -136,7 +134,9 @@ def block_rope(model, hidden_size: int, num_blocks: int, batch: int, device):
     config.head_dim = hidden_size
     rotary = type(model.model.rotary_emb)(config=config).to(device)
     probe = torch.empty(1, device=device, dtype=torch.float32)
-    return block_rope_tables(lambda positions: rotary(probe, positions), num_blocks, 64, batch, device)
+    return block_rope_tables(
+        lambda positions: rotary(probe, positions), num_blocks, 64, batch, device
+    )
 
 
 def catch_pre_rope(model, store) -> list:
@@ -146,10 +146,14 @@ def catch_pre_rope(model, store) -> list:
     for layer_idx, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         # Qwen3 normalizes q and k per head before RoPE: the gates read the normalized ones.
-        q_mod, k_mod = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else (attn.q_proj, attn.k_proj)
+        q_mod, k_mod = (
+            (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else (attn.q_proj, attn.k_proj)
+        )
         for name, module in (("q", q_mod), ("k", k_mod)):
 
-            def hook(module, inputs, output, layer_idx=layer_idx, name=name, head_dim=attn.head_dim):
+            def hook(
+                module, inputs, output, layer_idx=layer_idx, name=name, head_dim=attn.head_dim
+            ):
                 if output.shape[1] > 1:
                     store(layer_idx, name, output.view(*output.shape[:2], -1, head_dim))
 
@@ -162,7 +166,9 @@ def seer_attention_forward(module, query, key, value, attention_mask, scaling=No
     prefill = getattr(module, "seer_prefill", None)
     q_len, kv_len = query.shape[2], key.shape[2]
     if prefill is None or q_len == 1 or q_len != kv_len or attention_mask is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
     out = prefill.attend(module.layer_idx, query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 

@@ -20,8 +20,9 @@ are checked like flag values, and also show as the defaults in ``--help``.
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import click
+import typer
 
 from .console import handle_user_errors, warn
 from .errors import SeerError
@@ -36,7 +37,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 @handle_user_errors
-def apply_config_file(ctx: click.Context) -> None:
+def apply_config_file(ctx: typer.Context) -> None:
     """Give the sub-commands of ``ctx`` their defaults from the config file.
 
     Call it from the root callback: Click runs that before it creates the sub-command's context,
@@ -45,8 +46,10 @@ def apply_config_file(ctx: click.Context) -> None:
     ctx.default_map = load_default_map(ctx.command.commands)
 
 
-def load_default_map(commands: Mapping[str, click.Command]) -> dict:
+def load_default_map(commands: Mapping[str, Any]) -> dict:
     """Click's default_map, ``{command name: {parameter name: value}}``, from the config file.
+
+    ``commands`` maps the command names to their Click commands (the root group's ``commands``).
 
     Raises SeerError, in one sentence naming the file, if it cannot be read or has unknown keys.
     """
@@ -80,12 +83,15 @@ def read_toml(path: Path) -> dict:
         raise SeerError(f"cannot read {path} ({error.strerror}).") from error
 
 
-def default_map(config: dict, commands: Mapping[str, click.Command], path: Path) -> dict:
+def default_map(config: dict, commands: Mapping[str, Any], path: Path) -> dict:
     """Spread the top-level keys over the commands that have them, then apply command tables."""
     shared = {key: value for key, value in config.items() if not isinstance(value, dict)}
     tables = {key: value for key, value in config.items() if isinstance(value, dict)}
-    for name in tables.keys() - commands.keys():
-        raise SeerError(f"{path}: [{name}] is not a seer command ({', '.join(commands)}).")
+    unknown = sorted(tables.keys() - commands.keys())
+    if unknown:
+        raise SeerError(
+            f"{path}: table {unknown[0]!r} is not a seer command ({', '.join(commands)})."
+        )
     names = {command: parameter_names(commands[command]) for command in commands}
     for key in shared:
         if not any(key in known for known in names.values()):
@@ -102,12 +108,12 @@ def default_map(config: dict, commands: Mapping[str, click.Command], path: Path)
     return result
 
 
-def parameter_names(command: click.Command) -> dict[str, str]:
+def parameter_names(command) -> dict[str, str]:
     """Config keys → parameter names: ``max-tokens`` and ``max_tokens`` → ``max_tokens``,
     ``json`` → ``json_output``. Only options have keys; positional arguments do not."""
     names = {}
     for param in command.params:
-        if isinstance(param, click.Option):
+        if param.param_type_name == "option":
             for option in param.opts:
                 if option.startswith("--"):
                     names[option[2:]] = names[option[2:].replace("-", "_")] = param.name

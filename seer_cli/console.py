@@ -10,6 +10,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import SeerError
 
@@ -26,7 +27,7 @@ def write_product(text: str) -> None:
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}")
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def _silence_stdout() -> None:
@@ -46,7 +47,7 @@ def handle_user_errors(command):
         try:
             return command(*args, **kwargs)
         except SeerError as error:
-            stderr.print(f"[red]error:[/] {error}", soft_wrap=True)
+            stderr.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             stderr.print("interrupted")

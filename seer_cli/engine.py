@@ -1,8 +1,8 @@
 """The library API behind the CLI: load a model with its gates once, then generate.
 
-    engine = Engine.load(EngineOptions(sparsity=0.9))
-    prompt = engine.prompt(document=text, instruction="Summarise this.")
-    result = engine.generate(prompt.ids, SamplingOptions(max_tokens=100), on_text=print)
+engine = Engine.load(EngineOptions(sparsity=0.9))
+prompt = engine.prompt(document=text, instruction="Summarise this.")
+result = engine.generate(prompt.ids, SamplingOptions(max_tokens=100), on_text=print)
 """
 
 import importlib.resources
@@ -127,7 +127,9 @@ class Engine:
             truncate=truncate,
         )
 
-    def generate(self, prompt_ids: list[int], options: SamplingOptions, **callbacks) -> GenerationResult:
+    def generate(
+        self, prompt_ids: list[int], options: SamplingOptions, **callbacks
+    ) -> GenerationResult:
         if self.sparse_prefill is not None:
             self.sparse_prefill.stats.kept.clear()
             self.sparse_prefill.stats.total.clear()

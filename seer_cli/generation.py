@@ -91,9 +91,9 @@ def prefill(model, input_ids: torch.Tensor, on_layer: Callable[[int, int], None]
     hooks = []
     if on_layer is not None:
         for index, layer in enumerate(layers):
-            hooks.append(layer.register_forward_pre_hook(
-                lambda *_, done=index: on_layer(done, len(layers))
-            ))
+            hooks.append(
+                layer.register_forward_pre_hook(lambda *_, done=index: on_layer(done, len(layers)))
+            )
     try:
         cache = DynamicCache(config=model.config)
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)

@@ -6,11 +6,10 @@ CPU), while hooks pool each layer's pre-RoPE queries and keys.
 """
 
 import torch
-from transformers import AttentionInterface
-
 from seer_gates import block_count, pool_keys, pool_queries
 from seer_gates.distill import HarvestedWindow
 from seer_kernels import pooled_attention, pooled_attention_reference
+from transformers import AttentionInterface
 
 from .attention import attention_kernel, block_rope, catch_pre_rope
 

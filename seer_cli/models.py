@@ -57,11 +57,15 @@ def resolve_model(model: str | None) -> ModelSource:
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise SeerError(f"{model} is a file but not a GGUF model; pass a GGUF file or a folder.")
+            raise SeerError(
+                f"{model} is a file but not a GGUF model; pass a GGUF file or a folder."
+            )
         return ModelSource(path.stem, path.parent, path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise SeerError(f"{model} has no config.json, so it is not a transformers model folder.")
+            raise SeerError(
+                f"{model} has no config.json, so it is not a transformers model folder."
+            )
         return ModelSource(path.resolve().name, path)
     try:
         from huggingface_hub import snapshot_download

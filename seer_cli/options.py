@@ -10,49 +10,79 @@ from .errors import SeerError
 
 Model = Annotated[
     str | None,
-    typer.Option("--model", "-m", envvar="SEER_MODEL",
-                 help="Model: a folder, a GGUF file, or a cached hub id [default: SmolLM2-135M-Instruct]."),
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="SEER_MODEL",
+        help="Model: a folder, a GGUF file, or a cached hub id (default: SmolLM2-135M-Instruct).",
+    ),
 ]
 Gates = Annotated[
     str,
-    typer.Option("--gates", envvar="SEER_GATES",
-                 help="Gate file or published gates folder, 'auto' (shipped for the model) or 'pooled' (training-free)."),
+    typer.Option(
+        "--gates",
+        envvar="SEER_GATES",
+        help="Gate file or published gates folder, 'auto' (shipped for the model) "
+        "or 'pooled' (training-free).",
+    ),
 ]
 Sparsity = Annotated[
     float | None,
-    typer.Option("--sparsity", envvar="SEER_SPARSITY",
-                 help="Share of causal blocks to skip per row during prefill (top-k), in [0, 1)."),
+    typer.Option(
+        "--sparsity",
+        envvar="SEER_SPARSITY",
+        help="Share of causal blocks to skip per row during prefill (top-k), in [0, 1).",
+    ),
 ]
 Threshold = Annotated[
     float | None,
-    typer.Option("--threshold", envvar="SEER_THRESHOLD",
-                 help="Keep blocks whose gate score exceeds this, in [0, 1); adapts per head and row."),
+    typer.Option(
+        "--threshold",
+        envvar="SEER_THRESHOLD",
+        help="Keep blocks whose gate score exceeds this, in [0, 1); adapts per head and row.",
+    ),
 ]
 Dense = Annotated[
-    bool, typer.Option("--dense", envvar="SEER_DENSE", help="Dense attention: the unmodified model.")
+    bool,
+    typer.Option("--dense", envvar="SEER_DENSE", help="Dense attention: the unmodified model."),
 ]
 Device = Annotated[str, typer.Option("--device", envvar="SEER_DEVICE", help="auto, cpu or cuda.")]
 Dtype = Annotated[
     str, typer.Option("--dtype", envvar="SEER_DTYPE", help="auto, float32, float16 or bfloat16.")
 ]
 MaxTokens = Annotated[
-    int, typer.Option("--max-tokens", "-n", envvar="SEER_MAX_TOKENS", help="Tokens to generate at most.")
+    int,
+    typer.Option(
+        "--max-tokens", "-n", envvar="SEER_MAX_TOKENS", help="Tokens to generate at most."
+    ),
 ]
 Temperature = Annotated[
     float, typer.Option("--temp", envvar="SEER_TEMP", help="Sampling temperature; 0 is greedy.")
 ]
-TopP = Annotated[float, typer.Option("--top-p", envvar="SEER_TOP_P", help="Nucleus sampling; 1 is off.")]
-TopK = Annotated[int, typer.Option("--top-k", envvar="SEER_TOP_K", help="Top-k sampling; 0 is off.")]
-Seed = Annotated[int | None, typer.Option("--seed", envvar="SEER_SEED", help="Random seed for sampling.")]
+TopP = Annotated[
+    float, typer.Option("--top-p", envvar="SEER_TOP_P", help="Nucleus sampling; 1 is off.")
+]
+TopK = Annotated[
+    int, typer.Option("--top-k", envvar="SEER_TOP_K", help="Top-k sampling; 0 is off.")
+]
+Seed = Annotated[
+    int | None, typer.Option("--seed", envvar="SEER_SEED", help="Random seed for sampling.")
+]
 System = Annotated[
-    str | None, typer.Option("--system", envvar="SEER_SYSTEM", help="System message for the chat template.")
+    str | None,
+    typer.Option("--system", envvar="SEER_SYSTEM", help="System message for the chat template."),
 ]
 Truncate = Annotated[
     str | None,
-    typer.Option("--truncate", envvar="SEER_TRUNCATE",
-                 help="If the prompt is longer than the context, cut the document's start, middle or end."),
+    typer.Option(
+        "--truncate",
+        envvar="SEER_TRUNCATE",
+        help="If the prompt is longer than the context, cut the document's start, middle or end.",
+    ),
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", envvar="SEER_QUIET", help="No stats or progress on stderr.")]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", envvar="SEER_QUIET", help="No stats or progress on stderr.")
+]
 
 
 def check_generation_flags(

@@ -38,7 +38,8 @@ class PrefillProgress:
         self._progress.update(self._task, completed=done)
 
     def stop(self) -> None:
-        self._progress.stop()
+        if self._progress.live.is_started:
+            self._progress.stop()
 
 
 def print_stats(console: Console, stats: GenerationStats, requested_sparsity: float | None) -> None:
@@ -46,7 +47,9 @@ def print_stats(console: Console, stats: GenerationStats, requested_sparsity: fl
         f"Prompt: {stats.prompt_n} tokens, {stats.prompt_per_second:.1f} tokens-per-sec, "
         f"TTFT {stats.ttft_ms / 1000:.3f} s"
     )
-    console.print(f"Generation: {stats.predicted_n} tokens, {stats.predicted_per_second:.1f} tokens-per-sec")
+    console.print(
+        f"Generation: {stats.predicted_n} tokens, {stats.predicted_per_second:.1f} tokens-per-sec"
+    )
     if stats.sparsity is not None:
         asked = f" (requested {requested_sparsity:.2f})" if requested_sparsity is not None else ""
         console.print(f"Sparsity: {stats.sparsity:.3f} of causal blocks skipped{asked}")

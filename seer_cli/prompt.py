@@ -50,7 +50,9 @@ class PromptTokens:
     cut_tokens: int = 0  # document tokens dropped by --truncate
 
 
-def _render(tokenizer, document: str | None, instruction: str | None, system: str | None) -> list[int]:
+def _render(
+    tokenizer, document: str | None, instruction: str | None, system: str | None
+) -> list[int]:
     user = "\n\n".join(part for part in (document, instruction) if part)
     if tokenizer.chat_template:
         messages = [{"role": "system", "content": system}] if system else []
@@ -90,7 +92,8 @@ def build_prompt(
     if truncate is None or not document:
         raise SeerError(
             f"the prompt is {len(ids)} tokens but at most {max_prompt_tokens} fit "
-            "(model context minus --max-tokens); pass --truncate start|middle|end to cut the document."
+            "(model context minus --max-tokens); "
+            "pass --truncate start|middle|end to cut the document."
         )
     doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
     overhead = len(ids) - len(doc_ids)

@@ -1,8 +1,9 @@
 """Shared fixtures: which device the Triton kernels can run on here."""
 
+import os
+
 import pytest
 import torch
-
 from seer_kernels import interpreting
 
 
@@ -25,6 +26,12 @@ needs_kernel_device = pytest.mark.skipif(
     KERNEL_DEVICE is None, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1"
 )
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def no_user_config(monkeypatch):
+    """Tests must not read the developer's own ~/.config/seer/config.toml."""
+    monkeypatch.setenv("SEER_CONFIG", os.devnull)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, needs_gpu, needs_kernel_device
-
 from seer_kernels import (
     BLOCK,
     block_sparse_attention,

@@ -16,7 +16,12 @@ from transformers import (
     Qwen3Config,
 )
 
-FAMILIES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+FAMILIES = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
 VOCAB = 256
 HIDDEN = 128
 NUM_LAYERS = 2

@@ -64,6 +64,8 @@ class Item:
 
 @dataclass
 class Tally:
+    """How many items succeeded, failed, or were skipped as already in --out."""
+
     done: int = 0
     failed: int = 0
     skipped: int = 0
@@ -73,8 +75,9 @@ class Tally:
 def batch(
     inputs: Annotated[
         list[str],
-        typer.Argument(help="Files, folders, glob patterns or .jsonl lists of items.",
-                       show_default=False),
+        typer.Argument(
+            help="Files, folders, glob patterns or .jsonl lists of items.", show_default=False
+        ),
     ],
     out: Annotated[
         str | None,
@@ -115,12 +118,12 @@ def batch(
     todo = [item for item in items if item.id not in finished]
     tally = Tally(skipped=len(items) - len(todo))
 
-    from ..engine import Engine, EngineOptions
-    from ..generation import SamplingOptions
-    from ..progress import quiet_libraries
-
     with results or contextlib.nullcontext():
         if todo:
+            from ..engine import Engine, EngineOptions
+            from ..generation import SamplingOptions
+            from ..progress import quiet_libraries
+
             quiet_libraries()
             engine = Engine.load(
                 EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
@@ -134,7 +137,8 @@ def batch(
             job.run_all(todo, results, tally)
     if tally.failed or not quiet:
         skipped = f", {tally.skipped} skipped (already in {out})" if out else ""
-        stderr.print(f"{tally.done} done, {tally.failed} failed{skipped}", markup=False)
+        stderr.print(f"{tally.done} done, {tally.failed} failed{skipped}", markup=False,
+                     soft_wrap=True)  # fmt: skip
     if tally.failed:
         raise typer.Exit(EXIT_USER_ERROR)
 
@@ -154,7 +158,8 @@ class Job:
         """Run and write each item in turn behind a progress bar, counting in ``tally``."""
         progress = Progress(
             TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-            TimeRemainingColumn(), console=stderr, transient=True, disable=self.quiet,
+            TimeRemainingColumn(), console=stderr, transient=True,
+            disable=self.quiet or not stderr.is_terminal,  # a bar in a log is noise
         )  # fmt: skip
         with progress:
             task = progress.add_task("batch", total=len(todo))
@@ -282,7 +287,8 @@ def _jsonl_item(line: str, source: str, folder: str) -> Item:
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as error:
-        return Item(id=source, source=source, error=f"the line is not valid JSON ({error}).")
+        problem = f"the line is not valid JSON ({error.msg} at column {error.colno})."
+        return Item(id=source, source=source, error=problem)
     problem = _entry_problem(entry)
     item_id = entry.get("id") if isinstance(entry, dict) and _valid_id(entry.get("id")) else None
     if problem is not None:

@@ -29,12 +29,20 @@ def distill(
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-3,
     warmup: Annotated[int, typer.Option("--warmup", help="Warm-up steps.")] = 20,
     hidden_size: Annotated[int, typer.Option("--hidden-size", help="Gate hidden size.")] = 128,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out share of windows.")] = 0.1,
-    max_windows: Annotated[int | None, typer.Option("--max-windows", help="Use at most this many windows.")] = None,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 100,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Held-out share of windows.")
+    ] = 0.1,
+    max_windows: Annotated[
+        int | None, typer.Option("--max-windows", help="Use at most this many windows.")
+    ] = None,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")
+    ] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, batches and init.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.ckpt.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing OUT.")
+    ] = False,
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
     quiet: opt.Quiet = False,
@@ -42,8 +50,13 @@ def distill(
     """Train gates for MODEL on texts (self-distillation), writing a gate file."""
     _check_flags(out, steps, batch_size, seq_len, lr, val_fraction, overwrite, resume)
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
     from seer_gates import GateConfig, build_gates, save_gates
     from seer_gates.distill import Distiller, evaluate
 
@@ -57,7 +70,9 @@ def distill(
     torch_device = pick_device(device)
     source = resolve_model(model)
     loaded, tokenizer = load_model(source, torch_device, pick_dtype(dtype, torch_device))
-    config = GateConfig(base_model=source.name, hidden_size=hidden_size, **model_shape(loaded.config))
+    config = GateConfig(
+        base_model=source.name, hidden_size=hidden_size, **model_shape(loaded.config)
+    )
     windows, summary = _token_windows(tokenizer, data, seq_len, max_windows, seed)
 
     progress = Progress(
@@ -78,12 +93,16 @@ def distill(
 
         torch.manual_seed(seed)
         gates = build_gates(config).to(torch_device)
-        distiller = Distiller(gates, steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seed=seed)
+        distiller = Distiller(
+            gates, steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seed=seed
+        )
         checkpoint = out.with_name(out.name + ".ckpt")
         if resume:
             if not checkpoint.is_file():
                 raise SeerError(f"--resume: no checkpoint at {checkpoint}.")
-            distiller.load_state_dict(torch.load(checkpoint, map_location=torch_device, weights_only=True))
+            distiller.load_state_dict(
+                torch.load(checkpoint, map_location=torch_device, weights_only=True)
+            )
         task = progress.add_task("train", total=steps, completed=distiller.step, info="")
         while distiller.step < steps:
             loss = distiller.train_step(train, torch_device)
@@ -110,7 +129,9 @@ def distill(
     write_product(json.dumps({"out": str(out), **config.metadata}) + "\n")
 
 
-def _check_flags(out: Path, steps, batch_size, seq_len, lr, val_fraction, overwrite, resume) -> None:
+def _check_flags(
+    out: Path, steps, batch_size, seq_len, lr, val_fraction, overwrite, resume
+) -> None:
     if steps < 1 or batch_size < 1:
         raise SeerError("--steps and --batch-size must be at least 1.")
     if seq_len < 128:
@@ -129,7 +150,9 @@ def _text_files(paths: list[str]) -> list[Path]:
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files.extend(p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith("."))
+            files.extend(
+                p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")
+            )
         elif path.is_file():
             files.append(path)
         else:
@@ -147,9 +170,13 @@ def _token_windows(tokenizer, paths, seq_len, max_windows, seed):
     files = _text_files(paths)
     for file in files:
         ids = tokenizer(read_document(str(file)).text, add_special_tokens=False)["input_ids"]
-        windows.extend(torch.tensor(ids[i : i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len))
+        windows.extend(
+            torch.tensor(ids[i : i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)
+        )
     if len(windows) < 2:
-        raise SeerError(f"the data holds {len(windows)} windows of {seq_len} tokens; at least 2 are needed.")
+        raise SeerError(
+            f"the data holds {len(windows)} windows of {seq_len} tokens; at least 2 are needed."
+        )
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist()
     windows = [windows[i] for i in order][:max_windows]
     summary = {"data_files": [f.name for f in files], "data_tokens": len(windows) * seq_len}

@@ -18,7 +18,8 @@ def generate(
         typer.Option("--file", "-f", help="Document to read; '-' (or a pipe) means stdin."),
     ] = None,
     prompt: Annotated[
-        str | None, typer.Option("--prompt", "-p", help="The instruction (with a file: what to do with it).")
+        str | None,
+        typer.Option("--prompt", "-p", help="The instruction (with a file: what to do with it)."),
     ] = None,
     system: opt.System = None,
     model: opt.Model = None,
@@ -37,7 +38,9 @@ def generate(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text and stats), nothing else.")
     ] = False,
-    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text when it is complete.")] = False,
+    no_stream: Annotated[
+        bool, typer.Option("--no-stream", help="Print the text when it is complete.")
+    ] = False,
     quiet: opt.Quiet = False,
 ) -> None:
     """Generate text from a prompt and/or a document, with sparse prefill."""
@@ -65,20 +68,27 @@ def generate(
         max_tokens=max_tokens, truncate=truncate,
     )  # fmt: skip
     if tokens.cut_tokens and not quiet:
-        warn(f"cut {tokens.cut_tokens} tokens from the {truncate} of the document to fit the context.")
+        warn(
+            f"cut {tokens.cut_tokens} tokens from the {truncate} of the document "
+            "to fit the context."
+        )
     stream = not (json_output or no_stream)
     progress = PrefillProgress(enabled=not quiet)
     with progress:
         result = engine.generate(
             tokens.ids,
-            SamplingOptions(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed),
+            SamplingOptions(
+                max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed
+            ),
             on_text=write_product if stream else (lambda text: None),
             on_prefill_layer=progress.layer_started,
             on_first_token=progress.stop,
         )
     result.stats.truncated_tokens = tokens.cut_tokens
     if json_output:
-        write_product(json.dumps({"model": engine.name, "text": result.text, **result.stats.to_dict()}) + "\n")
+        write_product(
+            json.dumps({"model": engine.name, "text": result.text, **result.stats.to_dict()}) + "\n"
+        )
     else:
         write_product(("" if stream else result.text) + "\n")
     if not quiet and not json_output:
