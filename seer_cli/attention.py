@@ -15,7 +15,6 @@ from seer_gates import (
     MaskPolicy,
     block_count,
     block_rope_tables,
-    kept_causal_blocks,
     pooled_qk_scores,
     select_blocks,
 )
@@ -39,21 +38,28 @@ def attention_kernel(device: torch.device) -> str:
 
 @dataclass
 class SparsityStats:
-    """Kept and causal block counts per layer, summed over heads and prefills."""
+    """Kept and causal block counts per layer, summed over heads.
 
-    kept: dict[int, int] = field(default_factory=dict)
+    Kept counts stay on the device until read, so recording them never waits for the GPU.
+    """
+
+    kept: dict[int, torch.Tensor | int] = field(default_factory=dict)
     total: dict[int, int] = field(default_factory=dict)
 
-    def record(self, layer: int, kept: int, total: int) -> None:
+    def record(self, layer: int, kept: torch.Tensor | int, total: int) -> None:
         self.kept[layer] = self.kept.get(layer, 0) + kept
         self.total[layer] = self.total.get(layer, 0) + total
 
+    def clear(self) -> None:
+        self.kept.clear()
+        self.total.clear()
+
     def overall(self) -> float | None:
         total = sum(self.total.values())
-        return 1 - sum(self.kept.values()) / total if total else None
+        return 1 - sum(int(kept) for kept in self.kept.values()) / total if total else None
 
     def per_layer(self) -> list[float]:
-        return [1 - self.kept[layer] / self.total[layer] for layer in sorted(self.total)]
+        return [1 - int(self.kept[layer]) / self.total[layer] for layer in sorted(self.total)]
 
 
 class SparsePrefill:
@@ -98,15 +104,18 @@ class SparsePrefill:
 
     def attend(self, layer_idx: int, q, k, v, scaling: float | None) -> torch.Tensor:
         """Sparse causal attention of one layer. q: [b, Hq, s, d], k/v: [b, Hkv, s, d]."""
-        scores = self._scores(layer_idx, q, k)
-        mask = select_blocks(scores, self.policy)
-        kept, total = kept_causal_blocks(mask)
-        self.stats.record(layer_idx, kept, total)
-        if kept == total:
-            # Every block kept is dense attention: the dense kernel does it best.
+        b, hq, s, _ = q.shape
+        nb = block_count(s)
+        if self.policy.sparsity == 0:
+            # Nothing to skip: that is dense attention, which the dense kernel does best.
+            self._captured.pop(layer_idx, None)
+            self.stats.record(layer_idx, b * hq * nb * (nb + 1) // 2, b * hq * nb * (nb + 1) // 2)
             return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
+                q, k, v, is_causal=True, scale=scaling, enable_gqa=hq != k.shape[1]
             )
+        mask = select_blocks(self._scores(layer_idx, q, k), self.policy)
+        causal = torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril()
+        self.stats.record(layer_idx, (mask & causal).sum(), b * hq * nb * (nb + 1) // 2)
         if attention_kernel(q.device) == "triton":
             return block_sparse_attention(q, k, v, mask, scaling)
         return block_sparse_attention_reference(q, k, v, mask, scaling)

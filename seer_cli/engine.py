@@ -131,8 +131,7 @@ class Engine:
         self, prompt_ids: list[int], options: SamplingOptions, **callbacks
     ) -> GenerationResult:
         if self.sparse_prefill is not None:
-            self.sparse_prefill.stats.kept.clear()
-            self.sparse_prefill.stats.total.clear()
+            self.sparse_prefill.stats.clear()
         result = generate(self.model, self.tokenizer, prompt_ids, options, **callbacks)
         if self.sparse_prefill is not None:
             result.stats.sparsity = self.sparse_prefill.stats.overall()

@@ -37,9 +37,10 @@ from tiny_models import (
 )
 
 from seer_cli.attention import SparsePrefill
-from seer_cli.engine import Engine, EngineOptions
+from seer_cli.engine import Engine, EngineOptions, shipped_gates
 from seer_cli.errors import SeerError
 from seer_cli.generation import GenerationStats, SamplingOptions, generate
+from seer_cli.models import DEFAULT_MODEL
 from seer_cli.prompt import build_prompt, read_document
 
 BOOK = "/work/shared/data/books/pg2641.txt"
@@ -405,6 +406,18 @@ def test_high_sparsity_on_the_default_model(engines, book_prompt):
     assert result.stats.sparsity == pytest.approx(expected, abs=1e-12)
     assert len(result.stats.sparsity_per_layer) == 30
     assert result.stats.sparsity_per_layer == pytest.approx([expected] * 30, abs=1e-12)
+
+
+@pytest.mark.model
+@pytest.mark.skipif(
+    shipped_gates(DEFAULT_MODEL) is None, reason="no gates are shipped for the default model"
+)
+def test_shipped_gates_run_on_the_default_model(engines, book_prompt):
+    engine = engines(sparsity=0.5)  # --gates auto: the shipped file
+    assert len(engine.sparse_prefill.gates) == 30
+    result = greedy(engine, book_prompt, max_tokens=1)
+    expected = topk_sparsity(block_count(len(book_prompt)), 0.5)
+    assert result.stats.sparsity == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.model
