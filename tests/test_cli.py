@@ -309,6 +309,7 @@ def gate_files(tmp_path_factory) -> dict[str, Path]:
         ("corrupt", ["corrupt.safetensors is not a readable safetensors file"]),
         ("truncated", ["truncated.safetensors is not a readable safetensors file"]),
     ],
+    ids=["other-shape", "corrupt", "truncated"],
 )
 def test_unusable_gate_files(gate_files, name, phrases):
     result = seer("-p", "Hello.", "--sparsity", "0.5", "--gates", str(gate_files[name]))
@@ -328,9 +329,12 @@ def test_closed_pipe_ends_quietly(tmp_path):
             command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
             env={**os.environ, "NO_COLOR": "1"},
         )  # fmt: skip
-        first = process.stdout.read(5)
-        process.stdout.close()
-        code = process.wait(timeout=300)
+        try:
+            first = process.stdout.read(5)
+            process.stdout.close()
+            code = process.wait(timeout=300)
+        finally:
+            process.kill()  # only if still running: a hang must not outlive the test
         stderr.seek(0)
         errors = stderr.read().decode(errors="replace")
     assert len(first) == 5
