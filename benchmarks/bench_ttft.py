@@ -41,10 +41,11 @@ def main() -> None:
 
     variants = {
         "dense": EngineOptions(dense=True),
-        "sparsity 0 (gates)": EngineOptions(sparsity=0.0, gates=args.gates),
-        "sparsity 0.5 (gates)": EngineOptions(sparsity=0.5, gates=args.gates),
-        "sparsity 0.9 (gates)": EngineOptions(sparsity=0.9, gates=args.gates),
-        "sparsity 0.9 (pooled)": EngineOptions(sparsity=0.9, gates="pooled"),
+        # Sparse at any length: this measures sparse prefill itself, below the crossover too.
+        "sparsity 0 (gates)": EngineOptions(sparsity=0.0, gates=args.gates, sparse_min_tokens=0),
+        "sparsity 0.5 (gates)": EngineOptions(sparsity=0.5, gates=args.gates, sparse_min_tokens=0),
+        "sparsity 0.9 (gates)": EngineOptions(sparsity=0.9, gates=args.gates, sparse_min_tokens=0),
+        "sparsity 0.9 (pooled)": EngineOptions(sparsity=0.9, gates="pooled", sparse_min_tokens=0),
     }
     rows, texts = [], {}
     for name, options in variants.items():

@@ -26,6 +26,16 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ATTENTION_NAME = "seer"
 
 
+# Shortest prompt that is prefilled sparsely on a GPU by default: on an H100, block-sparse
+# attention at sparsity 0.5 loses to cuDNN's dense kernel at 8k tokens and wins from 32k on
+# (BENCHMARKS.md). On the CPU the sparse reference pays from short prompts on.
+GPU_MIN_SPARSE_TOKENS = 16384
+
+
+def default_min_sparse_tokens(device: torch.device) -> int:
+    return GPU_MIN_SPARSE_TOKENS if device.type == "cuda" else 0
+
+
 def attention_kernel(device: torch.device) -> str:
     """The one place that picks the sparse attention kernel: ``triton`` on a GPU, else
     ``reference``; ``SEER_ATTENTION_KERNEL`` overrides (tests force ``triton`` on the CPU
@@ -69,10 +79,14 @@ class SparsePrefill:
         model: a transformers causal LM of the Llama, Mistral, Qwen2 or Qwen3 family.
         policy: how gate scores become block masks.
         gates: one AttnGate per layer, or None for the training-free pooled estimator.
+        min_tokens: prompts shorter than this are prefilled densely (where sparsity does not pay).
     """
 
-    def __init__(self, model, policy: MaskPolicy, gates: torch.nn.ModuleList | None):
+    def __init__(
+        self, model, policy: MaskPolicy, gates: torch.nn.ModuleList | None, min_tokens: int = 0
+    ):
         self.model = model
+        self.min_tokens = min_tokens
         self.policy = policy
         self.gates = gates
         self.stats = SparsityStats()
@@ -106,8 +120,8 @@ class SparsePrefill:
         """Sparse causal attention of one layer. q: [b, Hq, s, d], k/v: [b, Hkv, s, d]."""
         b, hq, s, _ = q.shape
         nb = block_count(s)
-        if self.policy.sparsity == 0:
-            # Nothing to skip: that is dense attention, which the dense kernel does best.
+        if self.policy.sparsity == 0 or s < self.min_tokens:
+            # Nothing to skip, or too short to pay: dense attention, the dense kernel does it best.
             self._captured.pop(layer_idx, None)
             self.stats.record(layer_idx, b * hq * nb * (nb + 1) // 2, b * hq * nb * (nb + 1) // 2)
             return torch.nn.functional.scaled_dot_product_attention(

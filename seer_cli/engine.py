@@ -31,6 +31,7 @@ class EngineOptions:
     dense: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    sparse_min_tokens: int | None = None  # None: the device's measured crossover
 
     @property
     def sparse(self) -> bool:
@@ -99,10 +100,13 @@ class Engine:
         model, tokenizer = load_model(source, device, dtype)
         sparse_prefill = None
         if policy is not None:
-            from .attention import SparsePrefill
+            from .attention import SparsePrefill, default_min_sparse_tokens
 
             gates = _load_gates(gate_path, model, source.name, device) if gate_path else None
-            sparse_prefill = SparsePrefill(model, policy, gates)
+            min_tokens = options.sparse_min_tokens
+            if min_tokens is None:
+                min_tokens = default_min_sparse_tokens(device)
+            sparse_prefill = SparsePrefill(model, policy, gates, min_tokens)
         return cls(model, tokenizer, source.name, sparse_prefill)
 
     @property

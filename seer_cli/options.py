@@ -46,6 +46,15 @@ Dense = Annotated[
     bool,
     typer.Option("--dense", envvar="SEER_DENSE", help="Dense attention: the unmodified model."),
 ]
+SparseMinTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--sparse-min-tokens",
+        envvar="SEER_SPARSE_MIN_TOKENS",
+        help="Prompts shorter than this are prefilled densely "
+        "(default: 16384 on a GPU, where shorter prompts do not gain; 0 on the CPU).",
+    ),
+]
 Device = Annotated[str, typer.Option("--device", envvar="SEER_DEVICE", help="auto, cpu or cuda.")]
 Dtype = Annotated[
     str, typer.Option("--dtype", envvar="SEER_DTYPE", help="auto, float32, float16 or bfloat16.")

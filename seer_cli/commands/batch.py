@@ -94,6 +94,7 @@ def batch(
     model: opt.Model = None,
     gates: opt.Gates = "auto",
     sparsity: opt.Sparsity = None,
+    sparse_min_tokens: opt.SparseMinTokens = None,
     threshold: opt.Threshold = None,
     dense: opt.Dense = False,
     device: opt.Device = "auto",
@@ -127,7 +128,8 @@ def batch(
             quiet_libraries()
             engine = Engine.load(
                 EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
-                              dense=dense, device=device, dtype=dtype)
+                              dense=dense, device=device, dtype=dtype,
+                              sparse_min_tokens=sparse_min_tokens)
             )  # fmt: skip
             sampling = SamplingOptions(
                 max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed

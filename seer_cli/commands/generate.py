@@ -25,6 +25,7 @@ def generate(
     model: opt.Model = None,
     gates: opt.Gates = "auto",
     sparsity: opt.Sparsity = None,
+    sparse_min_tokens: opt.SparseMinTokens = None,
     threshold: opt.Threshold = None,
     dense: opt.Dense = False,
     device: opt.Device = "auto",
@@ -61,7 +62,8 @@ def generate(
     quiet_libraries()
     engine = Engine.load(
         EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
-                      dense=dense, device=device, dtype=dtype)
+                      dense=dense, device=device, dtype=dtype,
+                      sparse_min_tokens=sparse_min_tokens)
     )  # fmt: skip
     tokens = engine.prompt(
         document=document.text if document else None, instruction=prompt, system=system,
@@ -71,6 +73,13 @@ def generate(
         warn(
             f"cut {tokens.cut_tokens} tokens from the {truncate} of the document "
             "to fit the context."
+        )
+    sparse = engine.sparse_prefill
+    if sparse is not None and len(tokens.ids) < sparse.min_tokens and not quiet:
+        warn(
+            f"the prompt ({len(tokens.ids)} tokens) is shorter than {sparse.min_tokens}, where "
+            "sparse prefill starts to pay on this device: prefilling densely "
+            "(--sparse-min-tokens 0 forces sparse)."
         )
     stream = not (json_output or no_stream)
     progress = PrefillProgress(enabled=not quiet)
