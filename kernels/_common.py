@@ -81,6 +81,73 @@ def seq_bucket(seq_len: int) -> int:
 
 
 @triton.jit
+def program_coordinates(num_q_heads, kv_group):
+    """(query block, batch, query head, key/value head) of this program, as int64.
+
+    Launch grid: (nb, batch · Hq). Programs of one head run together, so the key/value blocks
+    they share stay in L2; within a head the last query rows, which attend to the most blocks,
+    start first.
+    """
+    block_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+    bh = tl.program_id(1)
+    batch = (bh // num_q_heads).to(tl.int64)
+    head = (bh % num_q_heads).to(tl.int64)
+    return block_m, batch, head, head // kv_group
+
+
+@triton.jit
+def start_query_block(
+    q_base, block_m, stride_qs, seq_len, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Load one query block and the empty online-softmax state for it.
+
+    Returns q [BLOCK, HEAD_DIM], offs_m [BLOCK] (token positions), row_valid [BLOCK],
+    acc [BLOCK, HEAD_DIM] fp32, l_i and m_i [BLOCK] fp32.
+    """
+    offs_m = block_m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < seq_len
+    q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+    acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    return q, offs_m, row_valid, acc, l_i, m_i
+
+
+@triton.jit
+def store_query_block(o_base, offs_m, row_valid, acc, l_i, stride_os, HEAD_DIM: tl.constexpr):
+    """Normalize the accumulator by the softmax sums and write the block's valid rows."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    out = acc / l_i[:, None]
+    o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(o_base.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def load_kv_tile(k_base, v_base, cols, offs_d, stride_ks, stride_vs):
+    """A full key/value tile: k [HEAD_DIM, BLOCK_N] (transposed), v [BLOCK_N, HEAD_DIM]."""
+    k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None])
+    v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def load_diagonal_tile(k_base, v_base, offs_m, cols, offs_d, stride_ks, stride_vs, seq_len):
+    """The diagonal key/value tile, which may be the partial last block, and its causal mask
+    keep [BLOCK_M, BLOCK_N]."""
+    col_valid = cols < seq_len
+    k = tl.load(
+        k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=col_valid[None, :], other=0.0
+    )
+    v = tl.load(
+        v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=col_valid[:, None], other=0.0
+    )
+    keep = (offs_m[:, None] >= cols[None, :]) & col_valid[None, :]
+    return k, v, keep
+
+
+@triton.jit
 def attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep):
     """One online-softmax step of FlashAttention over a single key/value tile.
 

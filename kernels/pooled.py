@@ -19,9 +19,14 @@ from ._common import (
     check_kernel_launch,
     contiguous_last,
     launch,
+    load_diagonal_tile,
+    load_kv_tile,
     num_blocks,
+    program_coordinates,
     seq_bucket,
     softmax_scale,
+    start_query_block,
+    store_query_block,
 )
 
 
@@ -48,55 +53,27 @@ def _pooled_fwd(
     num_q_heads, kv_group, seq_len, qk_scale, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # Same launch order as the block-sparse kernel: one head's rows together, longest first.
-    block_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
-    bh = tl.program_id(1)
-    batch = (bh // num_q_heads).to(tl.int64)
-    head = (bh % num_q_heads).to(tl.int64)
-    kv_head = head // kv_group
+    block_m, batch, head, kv_head = program_coordinates(num_q_heads, kv_group)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
 
-    offs_m = block_m * BLOCK + tl.arange(0, BLOCK)
+    q, offs_m, row_valid, acc, l_i, m_i = start_query_block(
+        Q + batch * stride_qb + head * stride_qh, block_m, stride_qs, seq_len, HEAD_DIM, BLOCK
+    )
     offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_valid = offs_m < seq_len
-    # [BLOCK, HEAD_DIM]
-    q = tl.load(
-        Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-        mask=row_valid[:, None],
-        other=0.0,
-    )
-    acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
 
     # Pass 1: FlashAttention over every causal tile (full tiles, then the diagonal).
     for block_n in range(0, block_m):
         cols = block_n * BLOCK + offs_n
-        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None])
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+        k, v = load_kv_tile(k_base, v_base, cols, offs_d, stride_ks, stride_vs)
         acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, None)
-    diag_cols = block_m * BLOCK + offs_n
-    col_valid = diag_cols < seq_len
-    k_diag = tl.load(
-        k_base + diag_cols[None, :] * stride_ks + offs_d[:, None],
-        mask=col_valid[None, :],
-        other=0.0,
+    k_diag, v_diag, keep = load_diagonal_tile(
+        k_base, v_base, offs_m, block_m * BLOCK + offs_n, offs_d, stride_ks, stride_vs, seq_len
     )
-    v_diag = tl.load(
-        v_base + diag_cols[:, None] * stride_vs + offs_d[None, :],
-        mask=col_valid[:, None],
-        other=0.0,
-    )
-    # [BLOCK, BLOCK]
-    keep = (offs_m[:, None] >= diag_cols[None, :]) & col_valid[None, :]
     acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k_diag, v_diag, qk_scale, keep)
-    out = acc / l_i[:, None]
-    o_ptrs = (
-        Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    )
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+    o_base = Out + batch * stride_ob + head * stride_oh
+    store_query_block(o_base, offs_m, row_valid, acc, l_i, stride_os, HEAD_DIM)
 
     # Pass 2: with each row's final max and sum known, the peak probability of every tile.
     inv_l = 1.0 / l_i

@@ -1,0 +1,292 @@
+"""``seer eval``: what sparse prefill costs, measured on the user's texts with one loaded model.
+
+On non-overlapping windows of ``--seq-len`` tokens:
+
+- perplexity, dense and sparse: the learned gates, the true-attention-mass oracle, the pooled
+  estimator and a sink + local window at each of ``--sparsities``, the gates at each of
+  ``--thresholds``, with the sparsity each achieved;
+- attention recall at equal sparsity: the share of the true attention mass inside the blocks
+  kept by the gates, two oracles and two training-free baselines;
+- passkey retrieval: a 5-digit key hidden at each of ``--depths`` of filler text from the data,
+  answered dense and with the gates at each of ``--passkey-sparsities``.
+
+stdout holds the tables (markdown), or with ``--json`` one JSON object; progress and notes go to
+stderr.
+"""
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from .. import options as opt
+from ..console import handle_user_errors, stderr, write_product
+from ..errors import SeerError
+
+if TYPE_CHECKING:
+    from ..evaluation import EvalReport
+
+TASKS = ("perplexity", "recall", "passkey")
+
+
+@handle_user_errors
+def evaluate(
+    data: Annotated[
+        list[str],
+        typer.Option("--data", help="Text file or folder to evaluate on ('-' for stdin); repeat."),
+    ],
+    model: opt.Model = None,
+    gates: Annotated[
+        str,
+        typer.Option(
+            "--gates",
+            envvar="SEER_GATES",
+            help="The learned gates: 'auto' (shipped for the model), a gate file or a published "
+            "gates folder.",
+        ),
+    ] = "auto",
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 8192,
+    max_windows: Annotated[
+        int, typer.Option("--max-windows", help="Evaluate on at most this many windows.")
+    ] = 3,
+    sparsities: Annotated[
+        str, typer.Option("--sparsities", help="Comma-separated sparsities (perplexity, recall).")
+    ] = "0.5,0.7,0.8,0.9,0.95",
+    thresholds: Annotated[
+        str, typer.Option("--thresholds", help="Comma-separated gate thresholds (perplexity).")
+    ] = "0.001,0.003,0.01",
+    depths: Annotated[
+        str, typer.Option("--depths", help="Comma-separated passkey depths, shares of the prompt.")
+    ] = "0.1,0.5,0.9",
+    trials: Annotated[int, typer.Option("--trials", help="Passkey prompts per depth.")] = 2,
+    passkey_sparsities: Annotated[
+        str, typer.Option("--passkey-sparsities", help="Comma-separated sparsities (passkey).")
+    ] = "0.5,0.9",
+    tasks: Annotated[
+        str, typer.Option("--tasks", help="Comma-separated: perplexity, recall, passkey.")
+    ] = ",".join(TASKS),
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for the choice of windows and the pass keys.")
+    ] = 0,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "auto",
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of the tables.")
+    ] = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Measure sparse prefill against dense attention: perplexity, attention recall, passkey."""
+    chosen = _tasks(tasks)
+    sparsity_list = _fractions("--sparsities", sparsities)
+    threshold_list = _fractions("--thresholds", thresholds)
+    depth_list = _fractions("--depths", depths, up_to_one=True)
+    passkey_list = _fractions("--passkey-sparsities", passkey_sparsities)
+    _check_flags(chosen, sparsity_list, depth_list, gates, seq_len, max_windows, trials)
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ..data import token_windows
+    from ..engine import _gate_path, _load_gates, pick_device, pick_dtype
+    from ..evaluation import EvalReport, Evaluation, kernels_for
+    from ..models import load_model, resolve_model
+    from ..progress import quiet_libraries
+
+    quiet_libraries()
+    started = time.perf_counter()
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    source = resolve_model(model)
+    gate_path = _gate_path(gates, source.name)
+    loaded, tokenizer = load_model(source, torch_device, torch_dtype)
+    context = loaded.config.max_position_embeddings
+    if seq_len > context:
+        raise SeerError(
+            f"--seq-len {seq_len} is longer than the context of {source.name} ({context} tokens)."
+        )
+    trained_gates = _load_gates(gate_path, loaded, source.name, torch_device)
+    windows, summary = token_windows(tokenizer, data, seq_len, max_windows, seed, min_windows=1)
+    evaluation = Evaluation(loaded, tokenizer, trained_gates, windows)
+    report = EvalReport(
+        model=source.name, gates=gate_path, device=str(torch_device),
+        dtype=str(torch_dtype).removeprefix("torch."), seq_len=seq_len, windows=len(windows),
+        data_files=summary["data_files"],
+    )  # fmt: skip
+    if not quiet:
+        _print_plan(report, torch_dtype == torch.float32 and torch_device.type == "cuda")
+
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        console=stderr, transient=True, disable=quiet,
+    )  # fmt: skip
+
+    def tracker(description: str):
+        task = progress.add_task(description, total=None)
+        return lambda done, total: progress.update(task, completed=done, total=total)
+
+    with progress, kernels_for(torch_dtype, torch_device):
+        if "perplexity" in chosen:
+            report.perplexity = evaluation.perplexity(
+                sparsity_list, threshold_list, tracker("perplexity")
+            )
+        if "recall" in chosen:
+            report.recall = evaluation.recall(sparsity_list, tracker("recall"))
+        if "passkey" in chosen:
+            report.passkey_tokens = evaluation.passkey_tokens
+            report.passkey = evaluation.passkey(
+                depth_list, trials, passkey_list, seed, tracker("passkey")
+            )
+    report.seconds = round(time.perf_counter() - started, 1)
+    write_product(json.dumps(report.to_dict()) + "\n" if json_output else markdown(report))
+    if not quiet:
+        stderr.print(f"Evaluated in {report.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------- flags
+
+
+def _tasks(text: str) -> list[str]:
+    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in names if name not in TASKS]
+    if unknown or not names:
+        raise SeerError(
+            f"--tasks takes a comma-separated choice of {', '.join(TASKS)}, got {text!r}."
+        )
+    return names
+
+
+def _fractions(flag: str, text: str, *, up_to_one: bool = False) -> list[float]:
+    """Comma-separated numbers in [0, 1), or [0, 1] with ``up_to_one``, once each; '' is none."""
+    try:
+        values = list(dict.fromkeys(float(part) for part in text.split(",") if part.strip()))
+    except ValueError:
+        raise SeerError(f"{flag} takes comma-separated numbers, got {text!r}.") from None
+    for value in values:
+        if not (0 <= value < 1 or (up_to_one and value == 1)):
+            interval = "[0, 1]" if up_to_one else "[0, 1)"
+            raise SeerError(f"{flag} values must be in {interval}, got {value}.")
+    return values
+
+
+def _check_flags(tasks, sparsities, depths, gates, seq_len, max_windows, trials) -> None:
+    """Refuse nonsense values before any model is loaded, one sentence each."""
+    if not sparsities and ("perplexity" in tasks or "recall" in tasks):
+        raise SeerError("--sparsities needs at least one value for perplexity and recall.")
+    if not depths and "passkey" in tasks:
+        raise SeerError("--depths needs at least one value for passkey retrieval.")
+    if gates == "pooled":
+        raise SeerError(
+            "--gates takes the learned gates ('auto' or a file); "
+            "the pooled estimator is always measured beside them."
+        )
+    if seq_len < 128:
+        raise SeerError(f"--seq-len must be at least 128 tokens, got {seq_len}.")
+    if max_windows < 1:
+        raise SeerError(f"--max-windows must be at least 1, got {max_windows}.")
+    if trials < 1:
+        raise SeerError(f"--trials must be at least 1, got {trials}.")
+
+
+# ---------------------------------------------------------------- output
+
+
+def _print_plan(report: "EvalReport", reference_kernels: bool) -> None:
+    stderr.print(
+        f"Evaluating {report.model} with gates {Path(report.gates).name} on {report.windows} "
+        f"windows of {report.seq_len} tokens from {', '.join(report.data_files)} "
+        f"({report.device}, {report.dtype})",
+        soft_wrap=True,
+    )
+    if reference_kernels:
+        stderr.print(
+            "float32 on a GPU: sparse and pooled attention run their PyTorch references "
+            "(the Triton kernels take float16 or bfloat16)",
+            soft_wrap=True,
+        )
+
+
+def markdown(report: "EvalReport") -> str:
+    """The report as markdown: a line saying what was measured, then one table per task."""
+    sections = [
+        f"**{report.model}**, gates {Path(report.gates).name}: {report.windows} windows × "
+        f"{report.seq_len} tokens of {', '.join(report.data_files)} "
+        f"({report.device}, {report.dtype})"
+    ]
+    if report.perplexity:
+        sections.append("## Perplexity\n\n" + _perplexity_table(report))
+    if report.recall:
+        sections.append(
+            "## Attention recall at equal sparsity\n\n"
+            "Share of the true attention mass inside the kept blocks, averaged over block rows, "
+            "heads, layers and windows.\n\n" + _recall_table(report)
+        )
+    if report.passkey:
+        trials = report.passkey[0].trials
+        sections.append(
+            f"## Passkey retrieval\n\nCorrect answers of {trials} per depth, prompts of "
+            f"{report.passkey_tokens} tokens.\n\n" + _passkey_table(report)
+        )
+    return "\n\n".join(sections) + "\n"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, the first column left-aligned and the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _setting(sparsity: float | None, threshold: float | None = None) -> str:
+    if sparsity is not None:
+        return f"s={sparsity:.2f}"
+    return f"τ={threshold:g}" if threshold is not None else "—"
+
+
+def _perplexity_table(report: "EvalReport") -> str:
+    header = ["policy", "setting", "achieved sparsity", "perplexity", "Δ vs dense"]
+    rows = [
+        [
+            row.policy,
+            _setting(row.sparsity, row.threshold),
+            f"{row.achieved_sparsity:.3f}",
+            f"{row.perplexity:.3f}",
+            "—" if row.delta_percent is None else f"{row.delta_percent:+.1f} %",
+        ]
+        for row in report.perplexity
+    ]
+    return _table(header, rows)
+
+
+def _recall_table(report: "EvalReport") -> str:
+    from ..evaluation import ESTIMATORS
+
+    header = ["sparsity", "achieved", *ESTIMATORS, "gates / oracle-maxpool"]
+    rows = [
+        [
+            f"{row.sparsity:.2f}",
+            f"{row.achieved_sparsity:.3f}",
+            *(f"{row.recall[name]:.3f}" for name in ESTIMATORS),
+            f"{row.gates_vs_oracle_maxpool:.3f}",
+        ]
+        for row in report.recall
+    ]
+    return _table(header, rows)
+
+
+def _passkey_table(report: "EvalReport") -> str:
+    policies = list(dict.fromkeys((row.policy, row.sparsity) for row in report.passkey))
+    depths = list(dict.fromkeys(row.depth for row in report.passkey))
+    cells = {(row.policy, row.sparsity, row.depth): row for row in report.passkey}
+    header = ["depth", *(name if s is None else f"{name} {_setting(s)}" for name, s in policies)]
+    rows = [
+        [f"{depth:.2f}", *(_score([cells[name, s, depth]]) for name, s in policies)]
+        for depth in depths
+    ]
+    rows.append(["all", *(_score([cells[name, s, d] for d in depths]) for name, s in policies)])
+    return _table(header, rows)
+
+
+def _score(rows) -> str:
+    return f"{sum(row.correct for row in rows)}/{sum(row.trials for row in rows)}"
