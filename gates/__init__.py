@@ -25,7 +25,13 @@ from .gate import (
     pool_keys,
     pool_queries,
 )
-from .policy import MaskPolicy, achieved_sparsity, kept_causal_blocks, select_blocks
+from .policy import (
+    MaskPolicy,
+    achieved_sparsity,
+    kept_causal_blocks,
+    select_block_lists,
+    select_blocks,
+)
 
 __all__ = [
     "AttnGate",
@@ -46,5 +52,6 @@ __all__ = [
     "pool_queries",
     "pooled_qk_scores",
     "save_gates",
+    "select_block_lists",
     "select_blocks",
 ]

@@ -96,6 +96,39 @@ def select_blocks(scores: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
     return mask & causal | forced
 
 
+def select_block_lists(
+    scores: torch.Tensor, policy: MaskPolicy
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k selection straight into the kernel's input: per-row lists of kept key blocks.
+
+    The same blocks as ``select_blocks`` under a sparsity policy, without the diagonal (the
+    kernel always computes it) and without building a mask. scores: `[b, H, nb, nb]`.
+    Returns (indices `[b, H, nb, w]` int32, counts `[b, H, nb]` int32): row i keeps
+    ``indices[..., i, :counts[..., i]]``, in no particular order.
+    """
+    if policy.sparsity is None:
+        raise ValueError("block lists come from a sparsity policy, not a threshold.")
+    *lead, nb, _ = scores.shape
+    device = scores.device
+    forced = _forced(nb, policy)
+    off_diagonal_budget = _row_budgets(forced, policy) - 1
+    rows = nb - 1 if policy.dense_last_row else nb
+    k = int(off_diagonal_budget[:rows].max()) if rows else 0
+    width = max(k, nb - 1 if policy.dense_last_row else 0, 1)
+    indices = torch.zeros(*lead, nb, width, dtype=torch.int32, device=device)
+    if k:
+        strictly_below = torch.ones(nb, nb, dtype=torch.bool, device=device).tril(-1)
+        ranked = scores[..., :rows, :].float().masked_fill(~strictly_below[:rows], -math.inf)
+        ranked = ranked.masked_fill(
+            (forced & ~torch.eye(nb, dtype=torch.bool))[:rows].to(device), math.inf
+        )
+        indices[..., :rows, :k] = ranked.topk(k, dim=-1).indices.int()
+    if policy.dense_last_row and nb > 1:
+        indices[..., nb - 1, : nb - 1] = torch.arange(nb - 1, dtype=torch.int32, device=device)
+    counts = off_diagonal_budget.to(device=device, dtype=torch.int32).expand(*lead, nb)
+    return indices, counts.contiguous()
+
+
 def kept_causal_blocks(mask: torch.Tensor) -> tuple[int, int]:
     """(kept, total) causal blocks of a block mask `[..., nb, nb]`, for summing over layers."""
     nb = mask.shape[-1]

@@ -7,13 +7,18 @@
 """
 
 from ._common import BLOCK, interpreting, num_blocks
-from .block_sparse import block_sparse_attention, kept_block_indices
+from .block_sparse import (
+    block_sparse_attention,
+    block_sparse_attention_from_lists,
+    kept_block_indices,
+)
 from .pooled import pooled_attention
 from .reference import block_sparse_attention_reference, pooled_attention_reference
 
 __all__ = [
     "BLOCK",
     "block_sparse_attention",
+    "block_sparse_attention_from_lists",
     "block_sparse_attention_reference",
     "interpreting",
     "kept_block_indices",

@@ -137,6 +137,36 @@ def block_sparse_attention(
     return _launch_block_sparse(q, k, v, indices, counts, softmax_scale(sm_scale, q.shape[-1]))
 
 
+def block_sparse_attention_from_lists(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`block_sparse_attention` with the kept blocks given as per-row lists.
+
+    indices: [b, Hq, nb, w] int32, counts: [b, Hq, nb] int32: query block row i attends to key
+    blocks ``indices[..., i, :counts[..., i]]`` (each below the diagonal, any order) plus its
+    diagonal block. This is what a top-k selection produces directly, without a mask.
+    """
+    check_attention_inputs(q, k, v)
+    check_kernel_launch(q)
+    b, hq, s, _ = q.shape
+    nb = num_blocks(s)
+    if indices.dtype != torch.int32 or counts.dtype != torch.int32:
+        raise ValueError("indices and counts must be int32 tensors.")
+    if indices.dim() != 4 or tuple(indices.shape[:3]) != (b, hq, nb):
+        raise ValueError(
+            f"indices must be shaped [{b}, {hq}, {nb}, width], got {tuple(indices.shape)}."
+        )
+    if tuple(counts.shape) != (b, hq, nb):
+        raise ValueError(f"counts must be shaped [{b}, {hq}, {nb}], got {tuple(counts.shape)}.")
+    indices = indices if indices.stride(-1) == 1 else indices.contiguous()
+    return _launch_block_sparse(q, k, v, indices, counts, softmax_scale(sm_scale, q.shape[-1]))
+
+
 def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor:
     q, k, v = (contiguous_last(x) for x in (q, k, v))
     b, hq, s, d = q.shape

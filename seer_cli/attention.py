@@ -16,9 +16,14 @@ from seer_gates import (
     block_count,
     block_rope_tables,
     pooled_qk_scores,
+    select_block_lists,
     select_blocks,
 )
-from seer_kernels import block_sparse_attention, block_sparse_attention_reference
+from seer_kernels import (
+    block_sparse_attention,
+    block_sparse_attention_from_lists,
+    block_sparse_attention_reference,
+)
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -127,9 +132,16 @@ class SparsePrefill:
             return torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=scaling, enable_gqa=hq != k.shape[1]
             )
-        mask = select_blocks(self._scores(layer_idx, q, k), self.policy)
+        causal_blocks = b * hq * nb * (nb + 1) // 2
+        scores = self._scores(layer_idx, q, k)
+        if attention_kernel(q.device) == "triton" and self.policy.sparsity is not None:
+            # Top-k straight to the kernel's block lists: no mask to build and list again.
+            indices, counts = select_block_lists(scores, self.policy)
+            self.stats.record(layer_idx, counts.sum() + b * hq * nb, causal_blocks)
+            return block_sparse_attention_from_lists(q, k, v, indices, counts, scaling)
+        mask = select_blocks(scores, self.policy)
         causal = torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril()
-        self.stats.record(layer_idx, (mask & causal).sum(), b * hq * nb * (nb + 1) // 2)
+        self.stats.record(layer_idx, (mask & causal).sum(), causal_blocks)
         if attention_kernel(q.device) == "triton":
             return block_sparse_attention(q, k, v, mask, scaling)
         return block_sparse_attention_reference(q, k, v, mask, scaling)

@@ -198,9 +198,12 @@ def test_triton_kernel_path_matches_the_reference_path(attached, monkeypatch):
     attached(model, MaskPolicy(sparsity=0.5), tiny_gates(model))
     reference = logits_of(model, ids)
     launches = []
-    kernel = attention.block_sparse_attention
+    # Under a sparsity policy the Triton path hands top-k block lists straight to the kernel.
+    kernel = attention.block_sparse_attention_from_lists
     monkeypatch.setattr(
-        attention, "block_sparse_attention", lambda *args: launches.append(1) or kernel(*args)
+        attention,
+        "block_sparse_attention_from_lists",
+        lambda *args: launches.append(1) or kernel(*args),
     )
     monkeypatch.setenv("SEER_ATTENTION_KERNEL", "triton")
     triton_logits = logits_of(model, ids)

@@ -26,6 +26,7 @@ from seer_gates import (
     pool_queries,
     pooled_qk_scores,
     save_gates,
+    select_block_lists,
     select_blocks,
 )
 
@@ -575,3 +576,29 @@ def test_published_folder_errors(tmp_path):
     (tmp_path / "broken" / "attn_gate_weights.pth").write_bytes(b"not a zip file")
     with pytest.raises(GateFileError, match="not a loadable state dict"):
         load_gates(tmp_path / "broken")
+
+
+def _mask_from_lists(indices, counts, nb):
+    """Rebuild a block mask from per-row lists, adding the diagonal the kernel computes."""
+    used = torch.arange(indices.shape[-1]) < counts[..., None]
+    # Unused slots go to a spare last column, dropped afterwards.
+    columns = torch.where(used, indices.long(), nb)
+    mask = torch.zeros(*indices.shape[:-1], nb + 1, dtype=torch.bool)
+    mask.scatter_(-1, columns, True)
+    return mask[..., :nb] | torch.eye(nb, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("nb", [1, 2, 7, 33])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("keep_sink, dense_last_row", [(True, True), (False, False), (True, False)])
+def test_block_lists_keep_the_same_blocks_as_the_mask(nb, sparsity, keep_sink, dense_last_row):
+    policy = MaskPolicy(sparsity=sparsity, keep_sink=keep_sink, dense_last_row=dense_last_row)
+    scores = torch.rand(2, 3, nb, nb, generator=torch.Generator().manual_seed(nb))
+    indices, counts = select_block_lists(scores, policy)
+    assert indices.dtype == counts.dtype == torch.int32
+    assert torch.equal(_mask_from_lists(indices, counts, nb), select_blocks(scores, policy))
+
+
+def test_block_lists_need_a_sparsity_policy():
+    with pytest.raises(ValueError, match="sparsity policy"):
+        select_block_lists(torch.rand(1, 1, 4, 4), MaskPolicy(threshold=0.1))

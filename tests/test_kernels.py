@@ -13,7 +13,9 @@ from conftest import KERNEL_DEVICE, KERNEL_DTYPES, needs_gpu, needs_kernel_devic
 from seer_kernels import (
     BLOCK,
     block_sparse_attention,
+    block_sparse_attention_from_lists,
     block_sparse_attention_reference,
+    kept_block_indices,
     num_blocks,
     pooled_attention,
     pooled_attention_reference,
@@ -191,6 +193,32 @@ def test_custom_scale_and_strided_inputs():
     ref_p, ref_gt = pooled_attention_reference(q, k, v, sm_scale=0.05)
     torch.testing.assert_close(out_p, ref_p, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(gt, ref_gt, rtol=2e-3, atol=2e-3)
+
+
+@needs_kernel_device
+def test_block_lists_in_any_order_give_the_mask_result(poisoned_empty):
+    """Per-row lists (here reversed, with junk past each count) equal the mask they describe."""
+    shape = (300, 4, 2, 64)
+    q, k, v = random_qkv(shape, KERNEL_DTYPES[0], KERNEL_DEVICE, seed=8)
+    mask = make_mask("random", 2, 4, 300, KERNEL_DEVICE, seed=8)
+    indices, counts = kept_block_indices(mask)
+    width = indices.shape[-1]
+    slots = torch.arange(width, device=KERNEL_DEVICE)
+    # Reverse each row's valid prefix and fill the unused tail with an out-of-range block.
+    reversed_slots = torch.where(slots < counts[..., None], counts[..., None] - 1 - slots, slots)
+    shuffled = indices.gather(-1, reversed_slots.long())
+    shuffled = torch.where(slots < counts[..., None], shuffled, 10_000).to(torch.int32)
+    out = block_sparse_attention_from_lists(q, k, v, shuffled, counts)
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, mask), rtol=1e-3, atol=1e-3)
+
+
+def test_block_lists_are_checked():
+    q, k, v = random_qkv((70, 4, 2, 64), torch.float32, "cpu")
+    counts = torch.zeros(2, 4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="int32"):
+        block_sparse_attention_from_lists(q, k, v, torch.zeros(2, 4, 2, 1), counts)
+    with pytest.raises(ValueError, match="indices must be shaped"):
+        block_sparse_attention_from_lists(q, k, v, torch.zeros(2, 4, 3, 1).int(), counts)
 
 
 # --- input validation ---

@@ -1,0 +1,171 @@
+"""``seer profile``: dense against sparse prefill, timed on a GPU.
+
+``seer profile kernel`` times attention alone at a model's shapes; ``seer profile prefill`` a
+whole model's time to first token. The table (one row per test, as llama-bench prints them)
+goes to stdout; progress, notes and where sparsity starts to pay go to stderr.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from .. import options as opt
+from ..console import handle_user_errors, stderr, write_product
+from ..errors import SeerError
+
+DEFAULT_CONFIG = "llama-3.1-8b"
+
+profile_app = typer.Typer(
+    name="profile",
+    help="Time dense against sparse prefill on a GPU: attention alone, or a whole model.",
+    no_args_is_help=True,
+)
+
+Config = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        envvar="SEER_PROFILE_CONFIG",
+        help="Model shapes, random weights: llama-3.1-8b, qwen2.5-7b or a config.json path "
+        f"(default {DEFAULT_CONFIG}).",
+    ),
+]
+Lengths = Annotated[
+    str | None,
+    typer.Option(
+        "--lengths",
+        "-l",
+        envvar="SEER_PROFILE_LENGTHS",
+        help="Prompt lengths, comma-separated (default 8192,32768,131072; 256,512 on the CPU).",
+    ),
+]
+Sparsities = Annotated[
+    str,
+    typer.Option(
+        "--sparsities",
+        "-s",
+        envvar="SEER_PROFILE_SPARSITIES",
+        help="Sparsities to compare with dense, comma-separated, each in [0, 1).",
+    ),
+]
+Repeats = Annotated[
+    int,
+    typer.Option("--repeats", "-r", envvar="SEER_PROFILE_REPEATS", help="Timed repeats per test."),
+]
+Output = Annotated[
+    str,
+    typer.Option(
+        "--output", "-o", envvar="SEER_PROFILE_OUTPUT", help="Table format: md, json or csv."
+    ),
+]
+
+
+@profile_app.command("kernel")
+@handle_user_errors
+def kernel(
+    config: Config = None,
+    model: opt.Model = None,
+    lengths: Lengths = None,
+    sparsities: Sparsities = "0.5,0.9",
+    repeats: Repeats = 5,
+    output: Output = "md",
+    device: opt.Device = "auto",
+    quiet: opt.Quiet = False,
+) -> None:
+    """Attention alone at a model's shapes: dense SDPA (flash, cuDNN) against gates + the
+    block-sparse kernel."""
+    _check_source(config, model)
+    from .. import profiling
+
+    torch_device, length_list, sparsity_list = _settings(
+        device, lengths, sparsities, repeats, output
+    )
+    if model is not None:
+        name, model_config = profiling.model_config(model)
+    else:
+        name, model_config = profiling.load_config(config or DEFAULT_CONFIG)
+    with _progress(quiet) as on_test:
+        report = profiling.profile_kernel(
+            name, model_config, length_list, sparsity_list, repeats, torch_device, on_test
+        )
+    _finish(report, output, quiet)
+
+
+@profile_app.command("prefill")
+@handle_user_errors
+def prefill(
+    config: Config = None,
+    model: opt.Model = None,
+    gates: opt.Gates = "auto",
+    lengths: Lengths = None,
+    sparsities: Sparsities = "0.5,0.9",
+    repeats: Repeats = 5,
+    output: Output = "md",
+    device: opt.Device = "auto",
+    quiet: opt.Quiet = False,
+) -> None:
+    """Time to first token of a whole model, dense against sparse prefill; on the CPU the
+    default model unless --config or --model says otherwise."""
+    _check_source(config, model)
+    from .. import profiling
+    from ..progress import quiet_libraries
+
+    quiet_libraries()
+    torch_device, length_list, sparsity_list = _settings(
+        device, lengths, sparsities, repeats, output
+    )
+    if model is not None or (config is None and torch_device.type == "cpu"):
+        subject = profiling.loaded_subject(model, gates, torch_device)
+    else:
+        subject = profiling.random_subject(config or DEFAULT_CONFIG, gates, torch_device)
+    with _progress(quiet) as on_test:
+        report = profiling.profile_prefill(subject, length_list, sparsity_list, repeats, on_test)
+    _finish(report, output, quiet)
+
+
+def _check_source(config: str | None, model: str | None) -> None:
+    if config is not None and model is not None:
+        raise SeerError("give either --config or --model, not both.")
+
+
+def _settings(device: str, lengths: str | None, sparsities: str, repeats: int, output: str):
+    """The torch device, lengths and sparsities to profile, every flag checked."""
+    from .. import profiling
+
+    profiling.check_settings(repeats, output)
+    sparsity_list = profiling.parse_sparsities(sparsities)
+    torch_device = profiling.profile_device(device)
+    return torch_device, profiling.parse_lengths(lengths, torch_device), sparsity_list
+
+
+@contextmanager
+def _progress(quiet: bool) -> Iterator:
+    """A transient bar over the tests on stderr; yields the ``on_test`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=stderr, transient=True, disable=quiet,
+    )  # fmt: skip
+    task = progress.add_task("profile", total=None)
+
+    def on_test(done: int, total: int, test: str) -> None:
+        progress.update(task, description=test, completed=done, total=total)
+
+    with progress:
+        yield on_test
+
+
+def _finish(report, output: str, quiet: bool) -> None:
+    """What was profiled and the notes on stderr, around the table on stdout."""
+    from ..profiling import describe, render
+
+    if not quiet:
+        stderr.print(escape(describe(report)), soft_wrap=True)
+    write_product(render(report, output))
+    if not quiet:
+        for note in report.notes:
+            stderr.print(escape(note), soft_wrap=True)
