@@ -37,7 +37,8 @@ ESTIMATORS = ("gates", "oracle-mass", "oracle-maxpool", "pooled", "sink+local")
 PERPLEXITY_ESTIMATORS = ("gates", "oracle-mass", "pooled", "sink+local")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? Answer with the number only."
-ANSWER_TOKENS = 8
+# Room for "The pass key is NNNNN." with digits tokenized one by one, as many tokenizers do.
+ANSWER_TOKENS = 16
 LM_HEAD_CHUNK = 1024
 # Re-tokenizing text cut at token boundaries can add a token at each seam.
 _SEAM_SLACK = 8
@@ -240,7 +241,8 @@ class SparsePolicy:
     mask: MaskPolicy
 
     def attach(self, model, gates: torch.nn.ModuleList) -> SparsePrefill:
-        """Sparse prefill on ``model`` by this policy; ``detach()`` it when done."""
+        """Sparse prefill on ``model`` by this policy, at every prompt length (no dense
+        fallback for short prompts); ``detach()`` it when done."""
         if self.estimator == "gates":
             return SparsePrefill(model, self.mask, gates)
         if self.estimator == "pooled":

@@ -34,16 +34,10 @@ from seer_gates import (
     block_rope_tables,
     build_gates,
     default_rotary,
+    select_block_lists,
     select_blocks,
 )
-from seer_kernels import (
-    block_sparse_attention,
-    block_sparse_attention_reference,
-    kept_block_indices,
-)
-
-# The kernel on ready block lists, without listing them again (benchmarks/bench_kernels.py).
-from seer_kernels.block_sparse import _launch_block_sparse
+from seer_kernels import block_sparse_attention_from_lists, block_sparse_attention_reference
 from transformers import AutoConfig
 
 from .attention import SparsePrefill, SparsityStats, attention_kernel
@@ -177,12 +171,14 @@ def check_context(lengths: list[int], name: str, config) -> None:
         )
 
 
+def sparsity_label(sparsity: float) -> str:
+    """``s0.90``: two decimals, more only where the value has them."""
+    return f"s{sparsity:.2f}" if round(sparsity, 2) == sparsity else f"s{sparsity}"
+
+
 def row_name(length: int, sparsity: float | None) -> str:
     """``pp8192 @ s0.90``, or ``pp8192 @ dense`` without a sparsity."""
-    if sparsity is None:
-        return f"pp{length} @ dense"
-    shown = f"{sparsity:.2f}" if round(sparsity, 2) == sparsity else f"{sparsity}"
-    return f"pp{length} @ s{shown}"
+    return f"pp{length} @ {'dense' if sparsity is None else sparsity_label(sparsity)}"
 
 
 # ---------------------------------------------------------------- numbers
@@ -459,10 +455,10 @@ class _AttentionInputs:
 
     @classmethod
     def random(cls, shape: dict, length: int, gate_hidden: int, device, dtype):
-        q = torch.randn(1, shape["num_q_heads"], length, shape["head_dim"], device=device)
-        k = torch.randn(1, shape["num_kv_heads"], length, shape["head_dim"], device=device)
+        head_dim = shape["head_dim"]
+        q = torch.randn(1, shape["num_q_heads"], length, head_dim, device=device, dtype=dtype)
+        k = torch.randn(1, shape["num_kv_heads"], length, head_dim, device=device, dtype=dtype)
         v = torch.randn_like(k)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         rotary = default_rotary(gate_hidden)
         cos, sin = block_rope_tables(rotary, block_count(length), 64, 1, device)
         gate_q, gate_k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
@@ -480,7 +476,7 @@ def profile_kernel(
     on_test: ProgressCallback = lambda done, total, test: None,
 ) -> Report:
     """Attention of one layer of ``config``'s shape at each length: dense SDPA per backend
-    against the sparse path (a random-weight gate scoring the blocks, top-k mask selection,
+    against the sparse path (a random-weight gate scoring the blocks, top-k block selection,
     the block-sparse kernel) at each sparsity. ``on_test(done, total, test)`` reports progress.
     """
     shape = model_shape(config)
@@ -513,7 +509,8 @@ def profile_kernel(
 
 def _dense_stats(inputs, backends: dict, repeats: int, device, notes: list[str]) -> dict:
     """Dense causal SDPA time per backend (``Stat``), None for a backend that cannot run here
-    (with a note). K/V are repeated to the query heads first, as transformers does."""
+    (with a note). K/V are repeated to the query heads first, untimed, so every backend can
+    take them (as in benchmarks/bench_kernels.py)."""
     from torch.nn.attention import sdpa_kernel
 
     group = inputs.q.shape[1] // inputs.k.shape[1]
@@ -541,29 +538,33 @@ def _dense_stats(inputs, backends: dict, repeats: int, device, notes: list[str])
 def _sparse_stats(gate, inputs, policy: MaskPolicy, repeats: int, device) -> dict:
     """Times (``Stat``) of the sparse path's pieces and whole, and the achieved sparsity.
 
-    On a GPU ``gates`` covers scoring, mask selection and listing each row's kept blocks, and
-    ``attention`` the Triton kernel on those lists; on the CPU the reference takes the mask.
-    ``total`` is the whole path as a model runs it.
+    The path is ``SparsePrefill.attend``'s: on a GPU the gate scores the blocks, top-k selection
+    writes the kernel's per-row block lists (``gates``), and the Triton kernel runs on them
+    (``attention``); on the CPU the selection builds a mask and the reference takes it.
     """
     q, k, v = inputs.q, inputs.k, inputs.v
 
-    def mask() -> torch.Tensor:
-        return select_blocks(gate(inputs.gate_q, inputs.gate_k, inputs.cos, inputs.sin), policy)
+    def scores() -> torch.Tensor:
+        return gate(inputs.gate_q, inputs.gate_k, inputs.cos, inputs.sin)
 
     if attention_kernel(device) == "triton":
-        scale = 1 / math.sqrt(q.shape[-1])
-        gates = lambda: kept_block_indices(mask())
-        attention = partial(_launch_block_sparse, q, k, v, *gates(), scale)
-        total = lambda: block_sparse_attention(q, k, v, mask())
+        gates = lambda: select_block_lists(scores(), policy)
+        indices, counts = gates()
+        attention = partial(block_sparse_attention_from_lists, q, k, v, indices, counts)
+        total = lambda: block_sparse_attention_from_lists(q, k, v, *gates())
+        nb = block_count(q.shape[2])
+        kept = int(counts.sum()) + counts.numel()  # the diagonal blocks are not in the lists
+        achieved = 1 - kept / (counts.numel() * (nb + 1) / 2)
     else:
-        gates = mask
-        attention = partial(block_sparse_attention_reference, q, k, v, mask())
-        total = lambda: block_sparse_attention_reference(q, k, v, mask())
+        gates = lambda: select_blocks(scores(), policy)
+        attention = partial(block_sparse_attention_reference, q, k, v, gates())
+        total = lambda: block_sparse_attention_reference(q, k, v, gates())
+        achieved = achieved_sparsity(gates())
     timed = {
         name: Stat.of(times_ms(fn, repeats, device, min_repeat_ms=MIN_REPEAT_MS, flush_l2=True))
         for name, fn in (("gates", gates), ("attention", attention), ("total", total))
     }
-    return {**timed, "achieved": achieved_sparsity(mask())}
+    return {**timed, "achieved": achieved}
 
 
 def _kernel_row(length: int, sparsity: float, dense: dict, sparse: dict) -> dict:
@@ -619,7 +620,7 @@ def crossover_notes(rows: list[dict], crossovers: list[dict], backends: list[str
     for item in crossovers:
         sparsity, pays_from = item["sparsity"], item["pays_from"]
         ordered = sorted((r for r in rows if r["sparsity"] == sparsity), key=_length)
-        label = row_name(0, sparsity).split("@ ")[1]
+        label = sparsity_label(sparsity)
         if pays_from is None:
             notes.append(
                 f"crossover: {label} does not pay at the tested lengths "
@@ -628,10 +629,11 @@ def crossover_notes(rows: list[dict], crossovers: list[dict], backends: list[str
             continue
         paying = [row for row in ordered if row["n_prompt"] >= pays_from]
         below = [row for row in ordered if row["n_prompt"] < pays_from]
-        where = f"; {_versus(below[-1], backends)}" if below else ", the shortest tested"
+        shortest = "" if below else ", the shortest tested"
+        losing = f"; {_versus(below[-1], backends)}" if below else ""
         notes.append(
-            f"crossover: {label} pays from {pays_from} tokens ({_versus(paying[0], backends)}"
-            f"{where})"
+            f"crossover: {label} pays from {pays_from} tokens{shortest} "
+            f"({_versus(paying[0], backends)}{losing})"
         )
     return notes
 
@@ -659,15 +661,16 @@ class _NotifyingStats(SparsityStats):
 
 
 class TimedSparsePrefill(SparsePrefill):
-    """SparsePrefill that, while ``timeline`` is set, marks three points of each layer's
-    attention: ``start``, ``mask`` (the block mask is ready) and ``end``, as ``(layer, point)``.
+    """SparsePrefill, sparse at every prompt length (the profile finds where that pays), that
+    while ``timeline`` is set marks three points of each layer's attention as
+    ``(layer, point)``: ``start``, ``mask`` (the kept blocks are selected) and ``end``.
 
-    ``SparsePrefill.attend`` records the mask's block counts in ``stats`` after selecting the
-    mask and before running the kernel: that call makes the ``mask`` mark.
+    ``SparsePrefill.attend`` records the kept block counts in ``stats`` after selecting the
+    blocks and before running the kernel: that call makes the ``mask`` mark.
     """
 
     def __init__(self, model, policy: MaskPolicy, gates: torch.nn.ModuleList | None):
-        super().__init__(model, policy, gates)
+        super().__init__(model, policy, gates, min_tokens=0)
         self.stats = _NotifyingStats(lambda layer: self._mark(layer, "mask"))
         self.timeline: Timeline | None = None
 
@@ -684,8 +687,8 @@ class TimedSparsePrefill(SparsePrefill):
 
 @dataclass(frozen=True)
 class Breakdown:
-    """One prefill's time split: gate scoring + mask selection, attention (listing the kept
-    blocks and the kernel), and everything else."""
+    """One prefill's time split, summed over layers: gate scoring + block selection, attention
+    (the sparse kernel, or the reference on the CPU), and everything else."""
 
     total_ms: float
     gates_ms: float
@@ -729,15 +732,14 @@ class PrefillSubject:
     gates_label: str
 
 
-def random_subject(config_name: str, gates: str, device: torch.device) -> PrefillSubject:
-    """A model of a shipped or given config with random weights, created directly on ``device``
-    (bfloat16 on a GPU, float32 on the CPU), and random-weight gates of the published shape,
-    or the pooled estimator for ``gates="pooled"``. Speed does not depend on weight values."""
+def random_subject(name: str, config, gates: str, device: torch.device) -> PrefillSubject:
+    """A model of ``config`` with random weights, created directly on ``device`` (bfloat16 on a
+    GPU, float32 on the CPU), and random-weight gates of the published shape, or the pooled
+    estimator for ``gates="pooled"``. Speed does not depend on the weights' values."""
     from transformers import AutoModelForCausalLM
 
     if gates not in ("auto", "pooled"):
         raise SeerError("--gates FILE needs --model: with --config, weights and gates are random.")
-    name, config = load_config(config_name)
     if device.type == "cpu":
         with torch.device("meta"):
             count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
@@ -811,7 +813,10 @@ def profile_prefill(
         "prefill",
         info,
         PREFILL_COLUMNS,
-        notes=["breakdown of sparse rows: one extra prefill with every layer's attention timed"],
+        notes=[
+            "dense rows: transformers' SDPA attention; breakdown of sparse rows: one extra "
+            "prefill with every layer's attention timed, other = the rest of that prefill"
+        ],
     )
     total = len(lengths) * (1 + len(sparsities))
     generator = torch.Generator().manual_seed(0)

@@ -139,7 +139,7 @@ def evaluate(
                 depth_list, trials, passkey_list, seed, tracker("passkey")
             )
     report.seconds = round(time.perf_counter() - started, 1)
-    write_product(json.dumps(report.to_dict()) + "\n" if json_output else markdown(report))
+    write_product(json.dumps(report.to_dict()) + "\n" if json_output else _markdown(report))
     if not quiet:
         stderr.print(f"Evaluated in {report.seconds:.1f} s")
 
@@ -207,7 +207,7 @@ def _print_plan(report: "EvalReport", reference_kernels: bool) -> None:
         )
 
 
-def markdown(report: "EvalReport") -> str:
+def _markdown(report: "EvalReport") -> str:
     """The report as markdown: a line saying what was measured, then one table per task."""
     sections = [
         f"**{report.model}**, gates {Path(report.gates).name}: {report.windows} windows × "
@@ -225,7 +225,7 @@ def markdown(report: "EvalReport") -> str:
     if report.passkey:
         trials = report.passkey[0].trials
         sections.append(
-            f"## Passkey retrieval\n\nCorrect answers of {trials} per depth, prompts of "
+            f"## Passkey retrieval\n\nCorrect answers out of {trials} per depth, prompts of "
             f"{report.passkey_tokens} tokens.\n\n" + _passkey_table(report)
         )
     return "\n\n".join(sections) + "\n"

@@ -75,10 +75,12 @@ def kernel(
     device: opt.Device = "auto",
     quiet: opt.Quiet = False,
 ) -> None:
-    """Attention alone at a model's shapes: dense SDPA (flash, cuDNN) against gates + the
-    block-sparse kernel."""
+    """Attention alone at a model's shapes: dense SDPA against gates + block-sparse kernel."""
     _check_source(config, model)
     from .. import profiling
+    from ..progress import quiet_libraries
+
+    quiet_libraries()
 
     torch_device, length_list, sparsity_list = _settings(
         device, lengths, sparsities, repeats, output
@@ -107,8 +109,10 @@ def prefill(
     device: opt.Device = "auto",
     quiet: opt.Quiet = False,
 ) -> None:
-    """Time to first token of a whole model, dense against sparse prefill; on the CPU the
-    default model unless --config or --model says otherwise."""
+    """Time to first token of a whole model, dense against sparse prefill.
+
+    --config: random weights and gates. Without --config or --model, the CPU runs the default model.
+    """
     _check_source(config, model)
     from .. import profiling
     from ..progress import quiet_libraries
@@ -120,7 +124,9 @@ def prefill(
     if model is not None or (config is None and torch_device.type == "cpu"):
         subject = profiling.loaded_subject(model, gates, torch_device)
     else:
-        subject = profiling.random_subject(config or DEFAULT_CONFIG, gates, torch_device)
+        name, model_config = profiling.load_config(config or DEFAULT_CONFIG)
+        profiling.check_context(length_list, name, model_config)
+        subject = profiling.random_subject(name, model_config, gates, torch_device)
     with _progress(quiet) as on_test:
         report = profiling.profile_prefill(subject, length_list, sparsity_list, repeats, on_test)
     _finish(report, output, quiet)
