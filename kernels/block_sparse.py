@@ -152,7 +152,6 @@ def block_sparse_attention_from_lists(
     diagonal block. This is what a top-k selection produces directly, without a mask.
     """
     check_attention_inputs(q, k, v)
-    check_kernel_launch(q)
     b, hq, s, _ = q.shape
     nb = num_blocks(s)
     if indices.dtype != torch.int32 or counts.dtype != torch.int32:
@@ -163,6 +162,7 @@ def block_sparse_attention_from_lists(
         )
     if tuple(counts.shape) != (b, hq, nb):
         raise ValueError(f"counts must be shaped [{b}, {hq}, {nb}], got {tuple(counts.shape)}.")
+    check_kernel_launch(q)
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
     return _launch_block_sparse(q, k, v, indices, counts, softmax_scale(sm_scale, q.shape[-1]))
 

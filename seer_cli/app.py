@@ -2,7 +2,7 @@
 
 import typer
 
-from .commands import batch, distill, generate, profile
+from .commands import batch, distill, eval, generate, profile
 from .config import apply_config_file
 
 app = typer.Typer(
@@ -15,6 +15,7 @@ app = typer.Typer(
 app.command("generate")(generate.generate)
 app.command("distill")(distill.distill)
 app.command("batch")(batch.batch)
+app.command("eval")(eval.evaluate)
 app.add_typer(profile.profile_app, name="profile")
 
 

@@ -71,7 +71,7 @@ def estimates_for(q, k, v) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     mass = block_attention_mass(q, k)
     nb = mass.shape[-1]
     scores = {
-        "gates": torch.rand(mass.shape, generator=torch.Generator().manual_seed(1)),
+        "gates": torch.rand(mass.shape, generator=torch.Generator().manual_seed(1)),  # stand-in
         "oracle-mass": mass,
         "oracle-maxpool": pooled_attention_reference(q, k, v)[1],
         "pooled": pooled_qk_scores(q, k),

@@ -60,6 +60,7 @@ def distill(
     from seer_gates import GateConfig, build_gates, save_gates
     from seer_gates.distill import Distiller, evaluate
 
+    from ..data import token_windows
     from ..engine import model_shape, pick_device, pick_dtype
     from ..harvest import Harvester
     from ..models import load_model, resolve_model
@@ -73,7 +74,7 @@ def distill(
     config = GateConfig(
         base_model=source.name, hidden_size=hidden_size, **model_shape(loaded.config)
     )
-    windows, summary = _token_windows(tokenizer, data, seq_len, max_windows, seed)
+    windows, summary = token_windows(tokenizer, data, seq_len, max_windows, seed)
 
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -144,43 +145,6 @@ def _check_flags(
         raise SeerError(f"{out} already exists; pass --overwrite to replace it.")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise SeerError(f"cannot write {out}: {out.parent} is not a writable folder.")
-
-
-def _text_files(paths: list[str]) -> list[Path]:
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files.extend(
-                p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")
-            )
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise SeerError(f"--data {path}: no such file or folder.")
-    return files
-
-
-def _token_windows(tokenizer, paths, seq_len, max_windows, seed):
-    """Cut every text into non-overlapping windows of ``seq_len`` tokens, shuffled by seed."""
-    import torch
-
-    from ..prompt import read_document
-
-    windows = []
-    files = _text_files(paths)
-    for file in files:
-        ids = tokenizer(read_document(str(file)).text, add_special_tokens=False)["input_ids"]
-        windows.extend(
-            torch.tensor(ids[i : i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)
-        )
-    if len(windows) < 2:
-        raise SeerError(
-            f"the data holds {len(windows)} windows of {seq_len} tokens; at least 2 are needed."
-        )
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist()
-    windows = [windows[i] for i in order][:max_windows]
-    summary = {"data_files": [f.name for f in files], "data_tokens": len(windows) * seq_len}
-    return windows, summary
 
 
 def _atomic_torch_save(state: dict, path: Path) -> None:
