@@ -37,7 +37,8 @@ def _blocked(x: torch.Tensor, block_size: int, fill: float) -> torch.Tensor:
 
 def _block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean of x `[b, s, H, c]` over each block of tokens → `[b, nb, H, c]`, in float32+."""
-    sums = _blocked(x.to(_pooling_dtype(x)), block_size, 0.0).sum(dim=2)
+    # Accumulating in float32 directly avoids a float32 copy of the whole input.
+    sums = _blocked(x, block_size, 0.0).sum(dim=2, dtype=_pooling_dtype(x))
     starts = torch.arange(sums.shape[1], device=x.device) * block_size
     counts = (x.shape[1] - starts).clamp(max=block_size)
     return sums / counts.view(1, -1, 1, 1).to(sums.dtype)
@@ -58,10 +59,11 @@ def pool_keys(k: torch.Tensor, block_size: int = 64) -> torch.Tensor:
     k: `[b, s, Hkv, d]` → `[b, nb, Hkv, 3d]` (float32, or float64 for float64 input). The last,
     partial block pools only the tokens it has.
     """
-    x = k.to(_pooling_dtype(k))
-    high = _blocked(x, block_size, -math.inf).amax(dim=2)
-    low = _blocked(x, block_size, math.inf).amin(dim=2)
-    return torch.cat([high, low, _block_mean(x, block_size)], dim=-1)
+    dtype = _pooling_dtype(k)
+    # Max and min are exact in any dtype: take them before widening.
+    high = _blocked(k, block_size, -math.inf).amax(dim=2).to(dtype)
+    low = _blocked(k, block_size, math.inf).amin(dim=2).to(dtype)
+    return torch.cat([high, low, _block_mean(k, block_size)], dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -202,13 +204,20 @@ class AttnGate(nn.Module):
         return block_causal_logits(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        probabilities: bool = True,
     ) -> torch.Tensor:
         """Block scores from raw pre-RoPE q `[b, s, Hq, d]` and k `[b, s, Hkv, d]`.
 
         cos, sin: `[b, nb, h]`. Returns `[b, Hq, nb, nb]`: each row a softmax over key blocks
-        j ≤ i, zero above the diagonal.
+        j ≤ i, zero above the diagonal; with ``probabilities`` False the logits instead
+        (-inf above the diagonal), which rank a row's blocks the same without the softmax.
         """
         q_pooled = pool_queries(q, self.block_size)
         k_pooled = pool_keys(k, self.block_size)
-        return self.logits(q_pooled, k_pooled, cos, sin).softmax(dim=-1)
+        logits = self.logits(q_pooled, k_pooled, cos, sin)
+        return logits.softmax(dim=-1) if probabilities else logits

@@ -1,5 +1,6 @@
 """Turning block scores into a block mask: threshold or top-k sparsity, plus forced blocks."""
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -34,8 +35,15 @@ class MaskPolicy:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}.")
 
 
+@functools.lru_cache(maxsize=16)
 def _causal(nb: int, device: torch.device) -> torch.Tensor:
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+
+
+@functools.lru_cache(maxsize=16)
+def _forced_on(nb: int, keep_sink: bool, dense_last_row: bool, device) -> torch.Tensor:
+    policy = MaskPolicy(sparsity=0.0, keep_sink=keep_sink, dense_last_row=dense_last_row)
+    return _forced(nb, policy).to(device)
 
 
 def _forced(nb: int, policy: MaskPolicy) -> torch.Tensor:
@@ -64,6 +72,51 @@ def _row_budgets(forced: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
     return torch.maximum(wanted, forced.sum(dim=-1)).minimum(lengths.long())
 
 
+@dataclass(frozen=True)
+class _TopkPlan:
+    """What a top-k selection needs besides the scores, built once per shape and policy.
+
+    bias [rows, nb] float32: +inf on forced blocks, -inf on blocks never ranked, 0 elsewhere;
+    budgets [rows] int32 and k: blocks to take per ranked row, and the largest such count.
+    """
+
+    rows: int
+    k: int
+    bias: torch.Tensor
+    budgets: torch.Tensor
+
+
+@functools.lru_cache(maxsize=16)
+def _topk_plan(
+    nb: int, sparsity: float, keep_sink: bool, dense_last_row: bool, device, with_diagonal: bool
+) -> _TopkPlan:
+    """Ranked rows exclude a dense last row; ``with_diagonal`` False leaves the diagonal out of
+    ranking and budgets (the kernel computes it anyway). Cached: no host-to-device copy, and so
+    no wait for the GPU, on every layer."""
+    policy = MaskPolicy(sparsity=sparsity, keep_sink=keep_sink, dense_last_row=dense_last_row)
+    forced = _forced(nb, policy)
+    budgets = _row_budgets(forced, policy)
+    eligible = torch.ones(nb, nb, dtype=torch.bool).tril(0 if with_diagonal else -1)
+    if not with_diagonal:
+        budgets = budgets - 1
+        forced &= eligible
+    rows = nb - 1 if dense_last_row else nb
+    bias = torch.zeros(nb, nb).masked_fill(~eligible, -math.inf).masked_fill(forced, math.inf)
+    k = int(budgets[:rows].max()) if rows else 0
+    return _TopkPlan(
+        rows,
+        k,
+        bias[:rows].to(device),
+        budgets[:rows].to(device=device, dtype=torch.int32),
+    )
+
+
+def _plan_for(nb: int, policy: MaskPolicy, device, with_diagonal: bool) -> _TopkPlan:
+    return _topk_plan(
+        nb, policy.sparsity, policy.keep_sink, policy.dense_last_row, device, with_diagonal
+    )
+
+
 def select_blocks(scores: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
     """Block mask from block-causal scores.
 
@@ -76,22 +129,16 @@ def select_blocks(scores: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
         raise ValueError(f"scores must end in two equal block axes, got {tuple(scores.shape)}.")
     nb, device = scores.shape[-1], scores.device
     causal = _causal(nb, device)
-    forced_cpu = _forced(nb, policy)
-    forced = forced_cpu.to(device)
+    forced = _forced_on(nb, policy.keep_sink, policy.dense_last_row, device)
     if policy.threshold is not None:
         return (scores > policy.threshold) & causal | forced
 
-    # Budgets depend only on nb and the policy; on the CPU, reading their max needs no sync.
-    budgets = _row_budgets(forced_cpu, policy)
+    plan = _plan_for(nb, policy, device, with_diagonal=True)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=device)
-    # A dense last row needs no ranking, and leaving it out keeps topk's k small.
-    rows = nb - 1 if policy.dense_last_row else nb
-    if rows:
-        ranked = scores[..., :rows, :].float()
-        ranked = ranked.masked_fill(~causal[:rows], -math.inf).masked_fill(forced[:rows], math.inf)
-        top = ranked.topk(int(budgets[:rows].max()), dim=-1).indices
-        keep = (torch.arange(top.shape[-1]) < budgets[:rows, None]).to(device)
-        mask[..., :rows, :].scatter_(-1, top, keep.expand_as(top))
+    if plan.k:
+        top = (scores[..., : plan.rows, :].float() + plan.bias).topk(plan.k, dim=-1).indices
+        keep = torch.arange(plan.k, device=device) < plan.budgets[:, None]
+        mask[..., : plan.rows, :].scatter_(-1, top, keep.expand_as(top))
     # A -inf causal score can tie with the masked upper triangle; causality wins.
     return mask & causal | forced
 
@@ -102,31 +149,29 @@ def select_block_lists(
     """Top-k selection straight into the kernel's input: per-row lists of kept key blocks.
 
     The same blocks as ``select_blocks`` under a sparsity policy, without the diagonal (the
-    kernel always computes it) and without building a mask. scores: `[b, H, nb, nb]`.
+    kernel always computes it) and without building a mask. scores: `[b, H, nb, nb]`, any
+    per-row monotonic transform of probabilities (e.g. gate logits) ranks the same.
     Returns (indices `[b, H, nb, w]` int32, counts `[b, H, nb]` int32): row i keeps
-    ``indices[..., i, :counts[..., i]]``, in no particular order.
+    ``indices[..., i, :counts[..., i]]``, in no particular order; slots past a row's count
+    are unspecified.
     """
     if policy.sparsity is None:
         raise ValueError("block lists come from a sparsity policy, not a threshold.")
     *lead, nb, _ = scores.shape
     device = scores.device
-    forced = _forced(nb, policy)
-    off_diagonal_budget = _row_budgets(forced, policy) - 1
-    rows = nb - 1 if policy.dense_last_row else nb
-    k = int(off_diagonal_budget[:rows].max()) if rows else 0
-    width = max(k, nb - 1 if policy.dense_last_row else 0, 1)
-    indices = torch.zeros(*lead, nb, width, dtype=torch.int32, device=device)
-    if k:
-        strictly_below = torch.ones(nb, nb, dtype=torch.bool, device=device).tril(-1)
-        ranked = scores[..., :rows, :].float().masked_fill(~strictly_below[:rows], -math.inf)
-        ranked = ranked.masked_fill(
-            (forced & ~torch.eye(nb, dtype=torch.bool))[:rows].to(device), math.inf
-        )
-        indices[..., :rows, :k] = ranked.topk(k, dim=-1).indices.int()
+    plan = _plan_for(nb, policy, device, with_diagonal=False)
+    width = max(plan.k, nb - 1 if policy.dense_last_row else 0, 1)
+    indices = torch.empty(*lead, nb, width, dtype=torch.int32, device=device)
+    counts = torch.empty(nb, dtype=torch.int32, device=device)
+    counts[: plan.rows] = plan.budgets
+    if plan.k:
+        ranked = scores[..., : plan.rows, :].float() + plan.bias
+        indices[..., : plan.rows, : plan.k] = ranked.topk(plan.k, dim=-1).indices
     if policy.dense_last_row and nb > 1:
         indices[..., nb - 1, : nb - 1] = torch.arange(nb - 1, dtype=torch.int32, device=device)
-    counts = off_diagonal_budget.to(device=device, dtype=torch.int32).expand(*lead, nb)
-    return indices, counts.contiguous()
+    if plan.rows < nb:
+        counts[plan.rows :] = nb - 1
+    return indices, counts.expand(*lead, nb)
 
 
 def kept_causal_blocks(mask: torch.Tensor) -> tuple[int, int]:

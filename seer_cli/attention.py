@@ -125,34 +125,37 @@ class SparsePrefill:
         """Sparse causal attention of one layer. q: [b, Hq, s, d], k/v: [b, Hkv, s, d]."""
         b, hq, s, _ = q.shape
         nb = block_count(s)
+        causal_blocks = b * hq * nb * (nb + 1) // 2
         if self.policy.sparsity == 0 or s < self.min_tokens:
             # Nothing to skip, or too short to pay: dense attention, the dense kernel does it best.
             self._captured.pop(layer_idx, None)
-            self.stats.record(layer_idx, b * hq * nb * (nb + 1) // 2, b * hq * nb * (nb + 1) // 2)
+            self.stats.record(layer_idx, causal_blocks, causal_blocks)
             return torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=scaling, enable_gqa=hq != k.shape[1]
             )
-        causal_blocks = b * hq * nb * (nb + 1) // 2
-        scores = self._scores(layer_idx, q, k)
         if attention_kernel(q.device) == "triton" and self.policy.sparsity is not None:
             # Top-k straight to the kernel's block lists: no mask to build and list again.
+            scores = self._scores(layer_idx, q, k, probabilities=False)
             indices, counts = select_block_lists(scores, self.policy)
             self.stats.record(layer_idx, counts.sum() + b * hq * nb, causal_blocks)
             return block_sparse_attention_from_lists(q, k, v, indices, counts, scaling)
-        mask = select_blocks(scores, self.policy)
+        mask = select_blocks(self._scores(layer_idx, q, k), self.policy)
         causal = torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril()
         self.stats.record(layer_idx, (mask & causal).sum(), causal_blocks)
         if attention_kernel(q.device) == "triton":
             return block_sparse_attention(q, k, v, mask, scaling)
         return block_sparse_attention_reference(q, k, v, mask, scaling)
 
-    def _scores(self, layer_idx: int, q, k) -> torch.Tensor:
+    def _scores(self, layer_idx: int, q, k, probabilities: bool = True) -> torch.Tensor:
+        """Block scores [b, Hq, nb, nb]; with ``probabilities`` False the gates may return
+        logits, which rank the blocks of a row the same and save a softmax."""
         if self.gates is None:
             return pooled_qk_scores(q, k)
         captured = self._captured.pop(layer_idx)
-        gate = self.gates[layer_idx]
         cos, sin = self._block_rope(block_count(q.shape[2]), q.shape[0], q.device)
-        return gate(captured["q"], captured["k"], cos, sin)
+        return self.gates[layer_idx](
+            captured["q"], captured["k"], cos, sin, probabilities=probabilities
+        )
 
     def _block_rope(self, num_blocks: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (num_blocks, batch, device)
