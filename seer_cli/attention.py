@@ -31,14 +31,15 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ATTENTION_NAME = "seer"
 
 
-# Shortest prompt that is prefilled sparsely on a GPU by default: on an H100, block-sparse
-# attention at sparsity 0.5 loses to cuDNN's dense kernel at 8k tokens and wins from 32k on
-# (BENCHMARKS.md). On the CPU the sparse reference pays from short prompts on.
-GPU_MIN_SPARSE_TOKENS = 16384
-
-
-def default_min_sparse_tokens(device: torch.device) -> int:
-    return GPU_MIN_SPARSE_TOKENS if device.type == "cuda" else 0
+def default_min_sparse_tokens(device: torch.device, sparsity: float | None) -> int:
+    """Shortest prompt prefilled sparsely by default: where sparse attention, gates included,
+    starts to beat the dense kernel. Measured on an H100 with ``seer profile kernel``
+    (BENCHMARKS.md): at sparsity 0.9–0.95 from 16k tokens, at 0.5 from 32k; threshold mode
+    takes the 16k of high sparsity. On the CPU the sparse reference pays from short prompts on.
+    """
+    if device.type != "cuda":
+        return 0
+    return 32768 if sparsity is not None and sparsity < 0.8 else 16384
 
 
 def attention_kernel(device: torch.device) -> str:

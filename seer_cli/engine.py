@@ -105,7 +105,7 @@ class Engine:
             gates = _load_gates(gate_path, model, source.name, device) if gate_path else None
             min_tokens = options.sparse_min_tokens
             if min_tokens is None:
-                min_tokens = default_min_sparse_tokens(device)
+                min_tokens = default_min_sparse_tokens(device, options.sparsity)
             sparse_prefill = SparsePrefill(model, policy, gates, min_tokens)
         return cls(model, tokenizer, source.name, sparse_prefill)
 
