@@ -1,10 +1,14 @@
 """Shared fixtures: which device the Triton kernels can run on here."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from seer_kernels import interpreting
+
+# The public-domain novels shared beside the checkout (../shared/data/books).
+BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
 
 
 def kernel_device() -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BOOKS
 from seer_gates import GateConfig, block_count, build_gates, save_gates
 from tiny_models import save_tiny_model, topk_sparsity
 from typer.testing import CliRunner
@@ -27,7 +28,6 @@ from seer_cli.models import DEFAULT_MODEL
 from seer_cli.prompt import read_document
 
 REPO = Path(__file__).resolve().parents[1]
-BOOKS = Path("/work/shared/data/books")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STATS = ("Prompt:", "Generation:", "Peak memory:")
 INSTRUCTION = "Name three colours."

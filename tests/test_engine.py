@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_kernel_device
+from conftest import BOOKS, needs_kernel_device
 from seer_gates import (
     MaskPolicy,
     block_count,
@@ -43,7 +43,7 @@ from seer_cli.generation import GenerationStats, SamplingOptions, generate
 from seer_cli.models import DEFAULT_MODEL
 from seer_cli.prompt import build_prompt, read_document
 
-BOOK = "/work/shared/data/books/pg2641.txt"
+BOOK = str(BOOKS / "pg2641.txt")
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BOOKS
 from seer_gates import MaskPolicy, block_count, pooled_qk_scores, save_gates, select_blocks
 from seer_gates.baselines import sink_local_scores
 from seer_kernels import pooled_attention_reference
@@ -250,7 +251,7 @@ def test_passkey_needle_depth_with_the_default_tokenizer(depth):
     if not (folder / "tokenizer.json").is_file():
         pytest.skip("the default model has not been converted yet (run seer once)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    book = read_document("/work/shared/data/books/pg2641.txt").text
+    book = read_document(str(BOOKS / "pg2641.txt")).text
     filler = tokenizer(book[:60000], add_special_tokens=False)["input_ids"]
     length = 8184
     ids = passkey_prompt(tokenizer, filler, "54321", depth, length)
