@@ -21,7 +21,8 @@ class PrefillProgress:
     def __init__(self, enabled: bool):
         self._progress = Progress(
             TextColumn("prefill"), BarColumn(), TextColumn("layer {task.completed}/{task.total}"),
-            TimeElapsedColumn(), console=stderr, transient=True, disable=not enabled,
+            TimeElapsedColumn(), console=stderr, transient=True,
+            disable=not (enabled and stderr.is_terminal),
         )  # fmt: skip
         self._task = None
 
