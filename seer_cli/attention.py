@@ -136,8 +136,9 @@ class SparsePrefill:
             )
         if attention_kernel(q.device) == "triton" and self.policy.sparsity is not None:
             # Top-k straight to the kernel's block lists: no mask to build and list again.
-            scores = self._scores(layer_idx, q, k, probabilities=False)
-            indices, counts = select_block_lists(scores, self.policy)
+            indices, counts = select_block_lists(
+                self._scores(layer_idx, q, k, probabilities=False), self.policy
+            )
             self.stats.record(layer_idx, counts.sum() + b * hq * nb, causal_blocks)
             return block_sparse_attention_from_lists(q, k, v, indices, counts, scaling)
         mask = select_blocks(self._scores(layer_idx, q, k), self.policy)
