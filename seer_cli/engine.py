@@ -96,13 +96,13 @@ class Engine:
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
         source = resolve_model(options.model)
-        gate_path = _gate_path(options.gates, source.name) if policy else None
+        gate_path = resolve_gate_path(options.gates, source.name) if policy else None
         model, tokenizer = load_model(source, device, dtype)
         sparse_prefill = None
         if policy is not None:
             from .attention import SparsePrefill, default_min_sparse_tokens
 
-            gates = _load_gates(gate_path, model, source.name, device) if gate_path else None
+            gates = load_model_gates(gate_path, model, source.name, device) if gate_path else None
             min_tokens = options.sparse_min_tokens
             if min_tokens is None:
                 min_tokens = default_min_sparse_tokens(device, options.sparsity)
@@ -143,7 +143,7 @@ class Engine:
         return result
 
 
-def _gate_path(gates: str, model_name: str) -> str | None:
+def resolve_gate_path(gates: str, model_name: str) -> str | None:
     """None means the training-free pooled estimator."""
     if gates == "pooled":
         return None
@@ -160,7 +160,7 @@ def _gate_path(gates: str, model_name: str) -> str | None:
     return gates
 
 
-def _load_gates(path: str, model, model_name: str, device):
+def load_model_gates(path: str, model, model_name: str, device):
     from seer_gates import GateFileError, GateMismatchError, check_fits, load_gates
 
     try:

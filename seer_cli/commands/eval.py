@@ -89,7 +89,7 @@ def evaluate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ..data import token_windows
-    from ..engine import _gate_path, _load_gates, pick_device, pick_dtype
+    from ..engine import load_model_gates, pick_device, pick_dtype, resolve_gate_path
     from ..evaluation import EvalReport, Evaluation, kernels_for
     from ..models import load_model, resolve_model
     from ..progress import quiet_libraries
@@ -99,14 +99,14 @@ def evaluate(
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     source = resolve_model(model)
-    gate_path = _gate_path(gates, source.name)
+    gate_path = resolve_gate_path(gates, source.name)
     loaded, tokenizer = load_model(source, torch_device, torch_dtype)
     context = loaded.config.max_position_embeddings
     if seq_len > context:
         raise SeerError(
             f"--seq-len {seq_len} is longer than the context of {source.name} ({context} tokens)."
         )
-    trained_gates = _load_gates(gate_path, loaded, source.name, torch_device)
+    trained_gates = load_model_gates(gate_path, loaded, source.name, torch_device)
     windows, summary = token_windows(tokenizer, data, seq_len, max_windows, seed, min_windows=1)
     evaluation = Evaluation(loaded, tokenizer, trained_gates, windows)
     report = EvalReport(
