@@ -74,15 +74,14 @@ def _row_budgets(forced: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _TopkPlan:
-    """What a top-k selection needs besides the scores, built once per shape and policy.
+    """Row budgets of a top-k selection, built once per shape and policy.
 
-    bias [rows, nb] float32: +inf on forced blocks, -inf on blocks never ranked, 0 elsewhere;
-    budgets [rows] int32 and k: blocks to take per ranked row, and the largest such count.
+    rows: ranked rows (all but a dense last row); budgets [rows] int32 on the device: blocks to
+    take per ranked row; k: the largest budget.
     """
 
     rows: int
     k: int
-    bias: torch.Tensor
     budgets: torch.Tensor
 
 
@@ -90,25 +89,26 @@ class _TopkPlan:
 def _topk_plan(
     nb: int, sparsity: float, keep_sink: bool, dense_last_row: bool, device, with_diagonal: bool
 ) -> _TopkPlan:
-    """Ranked rows exclude a dense last row; ``with_diagonal`` False leaves the diagonal out of
-    ranking and budgets (the kernel computes it anyway). Cached: no host-to-device copy, and so
-    no wait for the GPU, on every layer."""
+    """``with_diagonal`` False leaves the diagonal out of the budgets (the kernel computes it
+    anyway). Cached: no host-to-device copy, and so no wait for the GPU, on every layer."""
     policy = MaskPolicy(sparsity=sparsity, keep_sink=keep_sink, dense_last_row=dense_last_row)
-    forced = _forced(nb, policy)
-    budgets = _row_budgets(forced, policy)
-    eligible = torch.ones(nb, nb, dtype=torch.bool).tril(0 if with_diagonal else -1)
-    if not with_diagonal:
-        budgets = budgets - 1
-        forced &= eligible
+    budgets = _row_budgets(_forced(nb, policy), policy) - (0 if with_diagonal else 1)
     rows = nb - 1 if dense_last_row else nb
-    bias = torch.zeros(nb, nb).masked_fill(~eligible, -math.inf).masked_fill(forced, math.inf)
     k = int(budgets[:rows].max()) if rows else 0
-    return _TopkPlan(
-        rows,
-        k,
-        bias[:rows].to(device),
-        budgets[:rows].to(device=device, dtype=torch.int32),
-    )
+    return _TopkPlan(rows, k, budgets[:rows].to(device=device, dtype=torch.int32))
+
+
+def _ranking_bias(rows: int, nb: int, keep_sink: bool, with_diagonal: bool, device):
+    """[rows, nb] float32 added to scores before top-k: -inf where a block is never ranked,
+    +inf where it is forced (sink, and the diagonal when ranked), 0 elsewhere. Built on the
+    device each call rather than cached, so that it holds no memory between prefills."""
+    never = torch.ones(rows, nb, dtype=torch.bool, device=device).triu(1 if with_diagonal else 0)
+    bias = torch.zeros(rows, nb, device=device).masked_fill_(never, -math.inf)
+    if with_diagonal:
+        bias.diagonal().fill_(math.inf)
+    if keep_sink:
+        bias[0 if with_diagonal else 1 :, 0] = math.inf
+    return bias
 
 
 def _plan_for(nb: int, policy: MaskPolicy, device, with_diagonal: bool) -> _TopkPlan:
@@ -136,7 +136,8 @@ def select_blocks(scores: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
     plan = _plan_for(nb, policy, device, with_diagonal=True)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=device)
     if plan.k:
-        top = (scores[..., : plan.rows, :].float() + plan.bias).topk(plan.k, dim=-1).indices
+        bias = _ranking_bias(plan.rows, nb, policy.keep_sink, True, device)
+        top = (scores[..., : plan.rows, :].float() + bias).topk(plan.k, dim=-1).indices
         keep = torch.arange(plan.k, device=device) < plan.budgets[:, None]
         mask[..., : plan.rows, :].scatter_(-1, top, keep.expand_as(top))
     # A -inf causal score can tie with the masked upper triangle; causality wins.
@@ -165,7 +166,8 @@ def select_block_lists(
     counts = torch.empty(nb, dtype=torch.int32, device=device)
     counts[: plan.rows] = plan.budgets
     if plan.k:
-        ranked = scores[..., : plan.rows, :].float() + plan.bias
+        bias = _ranking_bias(plan.rows, nb, policy.keep_sink, False, device)
+        ranked = scores[..., : plan.rows, :].float() + bias
         indices[..., : plan.rows, : plan.k] = ranked.topk(plan.k, dim=-1).indices
     if policy.dense_last_row and nb > 1:
         indices[..., nb - 1, : nb - 1] = torch.arange(nb - 1, dtype=torch.int32, device=device)
