@@ -25,7 +25,7 @@ from seer_cli import attention, profiling
 from seer_cli.app import root
 from seer_cli.commands import profile
 from seer_cli.errors import SeerError
-from seer_cli.profiling import Column, Report, Stat
+from seer_cli.report import Column, Report, Stat, format_stat, ratio, render
 
 app = typer.Typer(pretty_exceptions_show_locals=False)
 app.callback()(root)
@@ -306,13 +306,13 @@ def test_the_triton_path_under_the_interpreter(tiny_config, monkeypatch):
 def test_mean_and_std():
     assert Stat.of([1.0, 2.0, 3.0]) == Stat(2.0, 1.0)
     assert Stat.of([4.0]) == Stat(4.0, 0.0)
-    assert profiling.format_stat(Stat(1.5, 0.25)) == "1.50 ± 0.25"
-    assert profiling.format_stat(Stat(431.0, 2.0), digits=1) == "431.0 ± 2.0"
+    assert format_stat(Stat(1.5, 0.25)) == "1.50 ± 0.25"
+    assert format_stat(Stat(431.0, 2.0), digits=1) == "431.0 ± 2.0"
 
 
 def test_ratio_propagates_both_spreads():
-    assert profiling.ratio(Stat(10.0, 0.0), Stat(5.0, 0.0)) == Stat(2.0, 0.0)
-    value = profiling.ratio(Stat(30.0, 0.9), Stat(10.0, 0.4))  # relative spreads 3 % and 4 %
+    assert ratio(Stat(10.0, 0.0), Stat(5.0, 0.0)) == Stat(2.0, 0.0)
+    value = ratio(Stat(30.0, 0.9), Stat(10.0, 0.4))  # relative spreads 3 % and 4 %
     assert value.mean == 3.0 and value.std == pytest.approx(3.0 * 0.05)
 
 
@@ -382,11 +382,9 @@ def test_tables_show_missing_values_as_dash_empty_and_null():
         [Column("test", "test"), Column("n", "n", markdown=False), Column("t_ms", "t ms")],
         rows=[{"test": "a", "n": 1, "t_ms": Stat(2.0, 0.5)}, {"test": "b", "n": 2, "t_ms": None}],
     )
-    assert profiling.render(report, "md") == (
-        "| test | t ms |\n|---|---|\n| a | 2.00 ± 0.50 |\n| b | - |\n"
-    )
-    assert profiling.render(report, "csv") == "test,n,t_ms,t_ms_std\na,1,2.0,0.5\nb,2,,\n"
-    data = json.loads(profiling.render(report, "json"))
+    assert render(report, "md") == ("| test | t ms |\n|---|---|\n| a | 2.00 ± 0.50 |\n| b | - |\n")
+    assert render(report, "csv") == "test,n,t_ms,t_ms_std\na,1,2.0,0.5\nb,2,,\n"
+    data = json.loads(render(report, "json"))
     assert data["model"] == "m" and "crossover" not in data
     assert data["rows"] == [
         {"test": "a", "n": 1, "t_ms": {"mean": 2.0, "std": 0.5}},

@@ -167,7 +167,7 @@ def _progress(quiet: bool) -> Iterator:
 
 def _finish(report, output: str, quiet: bool) -> None:
     """What was profiled and the notes on stderr, around the table on stdout."""
-    from ..profiling import describe, render
+    from ..report import describe, render
 
     if not quiet:
         stderr.print(escape(describe(report)), soft_wrap=True)
