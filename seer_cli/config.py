@@ -25,7 +25,7 @@ from typing import Any
 import typer
 
 from .console import handle_user_errors, warn
-from .errors import SeerError
+from .engine.errors import SeerError
 
 try:
     import tomllib

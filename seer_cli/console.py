@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import SeerError
+from .engine.errors import SeerError
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130

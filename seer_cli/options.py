@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import SeerError
+from .engine.errors import SeerError
 
 Model = Annotated[
     str | None,
@@ -98,7 +98,7 @@ def check_generation_flags(
     *, sparsity, threshold, dense, max_tokens, temperature, top_p, top_k, truncate
 ) -> None:
     """Refuse nonsense values before any model is loaded, one sentence each."""
-    from .prompt import TRUNCATE_MODES
+    from .engine.prompt import TRUNCATE_MODES
 
     if sparsity is not None and threshold is not None:
         raise SeerError("give either --sparsity or --threshold, not both.")

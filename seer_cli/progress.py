@@ -4,7 +4,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .console import stderr
-from .generation import GenerationStats
+from .engine.generation import GenerationStats
 
 
 def quiet_libraries() -> None:

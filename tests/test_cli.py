@@ -22,10 +22,10 @@ from tiny_models import save_tiny_model, topk_sparsity
 from typer.testing import CliRunner
 
 from seer_cli.app import app
-from seer_cli.engine import Engine, EngineOptions
-from seer_cli.generation import SamplingOptions
-from seer_cli.models import DEFAULT_MODEL
-from seer_cli.prompt import read_document
+from seer_cli.engine.runtime import Engine, EngineOptions
+from seer_cli.engine.generation import SamplingOptions
+from seer_cli.engine.models import DEFAULT_MODEL
+from seer_cli.engine.prompt import read_document
 
 REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -85,7 +85,7 @@ def engines(engine_cache, monkeypatch):
             engine_cache[key] = _load(options)
         return engine_cache[key]
 
-    monkeypatch.setattr("seer_cli.engine.Engine.load", load)
+    monkeypatch.setattr("seer_cli.engine.runtime.Engine.load", load)
     return load
 
 
@@ -271,7 +271,7 @@ def test_nothing_to_generate_from():
 
 def test_auto_gates_without_shipped_gates_say_what_to_do(monkeypatch):
     # Whether gates ship for the default model or not, this is what a model without them gets.
-    monkeypatch.setattr("seer_cli.engine.shipped_gates", lambda name: None)
+    monkeypatch.setattr("seer_cli.engine.runtime.shipped_gates", lambda name: None)
     line = assert_user_error(seer("-p", "Hello.", "--sparsity", "0.5"))
     assert "seer distill" in line and "--gates pooled" in line
 

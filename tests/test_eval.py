@@ -29,9 +29,9 @@ from tiny_models import (
 )
 from typer.testing import CliRunner
 
-from seer_cli import evaluation
+from seer_cli.measure import evaluation
 from seer_cli.app import app
-from seer_cli.evaluation import (
+from seer_cli.measure.evaluation import (
     ESTIMATORS,
     NEEDLE,
     QUESTION,
@@ -44,7 +44,7 @@ from seer_cli.evaluation import (
     perplexity,
     selection_recall,
 )
-from seer_cli.models import default_model_source
+from seer_cli.engine.models import default_model_source
 
 SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -245,7 +245,7 @@ def test_passkey_needle_sits_at_the_requested_depth(depth):
 def test_passkey_needle_depth_with_the_default_tokenizer(depth):
     from transformers import AutoTokenizer
 
-    from seer_cli.prompt import read_document
+    from seer_cli.engine.prompt import read_document
 
     folder = default_model_source().converted_copy
     if not (folder / "tokenizer.json").is_file():

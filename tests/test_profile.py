@@ -21,11 +21,12 @@ from tiny_models import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from seer_cli import attention, profiling
+from seer_cli.engine import attention
+from seer_cli.measure import profiling
 from seer_cli.app import root
 from seer_cli.commands import profile
-from seer_cli.errors import SeerError
-from seer_cli.report import Column, Report, Stat, format_stat, ratio, render
+from seer_cli.engine.errors import SeerError
+from seer_cli.measure.report import Column, Report, Stat, format_stat, ratio, render
 
 app = typer.Typer(pretty_exceptions_show_locals=False)
 app.callback()(root)

@@ -40,12 +40,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import options as opt
 from ..console import EXIT_USER_ERROR, handle_user_errors, stderr, warn, write_product
-from ..errors import SeerError
-from ..prompt import read_document
+from ..engine.errors import SeerError
+from ..engine.prompt import read_document
 
 if TYPE_CHECKING:
-    from ..engine import Engine
-    from ..generation import SamplingOptions
+    from ..engine.runtime import Engine
+    from ..engine.generation import SamplingOptions
 
 GLOB_CHARACTERS = frozenset("*?[")
 
@@ -121,8 +121,8 @@ def batch(
 
     with results or contextlib.nullcontext():
         if todo:
-            from ..engine import Engine, EngineOptions
-            from ..generation import SamplingOptions
+            from ..engine.runtime import Engine, EngineOptions
+            from ..engine.generation import SamplingOptions
             from ..progress import quiet_libraries
 
             quiet_libraries()

@@ -15,7 +15,7 @@ import typer
 
 from .. import options as opt
 from ..console import handle_user_errors, stderr, write_product
-from ..errors import SeerError
+from ..engine.errors import SeerError
 
 
 @handle_user_errors
@@ -60,10 +60,10 @@ def distill(
     from seer_gates import GateConfig, build_gates, save_gates
     from seer_gates.distill import Distiller, evaluate
 
-    from ..data import token_windows
-    from ..engine import model_shape, pick_device, pick_dtype
-    from ..harvest import Harvester
-    from ..models import load_model, resolve_model
+    from ..engine.data import token_windows
+    from ..engine.runtime import model_shape, pick_device, pick_dtype
+    from ..measure.harvest import Harvester
+    from ..engine.models import load_model, resolve_model
     from ..progress import quiet_libraries
 
     quiet_libraries()

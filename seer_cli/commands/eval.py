@@ -23,10 +23,10 @@ import typer
 
 from .. import options as opt
 from ..console import handle_user_errors, stderr, write_product
-from ..errors import SeerError
+from ..engine.errors import SeerError
 
 if TYPE_CHECKING:
-    from ..evaluation import EvalReport
+    from ..measure.evaluation import EvalReport
 
 TASKS = ("perplexity", "recall", "passkey")
 
@@ -88,10 +88,10 @@ def evaluate(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from ..data import token_windows
-    from ..engine import load_model_gates, pick_device, pick_dtype, resolve_gate_path
-    from ..evaluation import EvalReport, Evaluation, kernels_for
-    from ..models import load_model, resolve_model
+    from ..engine.data import token_windows
+    from ..engine.runtime import load_model_gates, pick_device, pick_dtype, resolve_gate_path
+    from ..measure.evaluation import EvalReport, Evaluation, kernels_for
+    from ..engine.models import load_model, resolve_model
     from ..progress import quiet_libraries
 
     quiet_libraries()
@@ -260,7 +260,7 @@ def _perplexity_table(report: "EvalReport") -> str:
 
 
 def _recall_table(report: "EvalReport") -> str:
-    from ..evaluation import ESTIMATORS
+    from ..measure.evaluation import ESTIMATORS
 
     header = ["sparsity", "achieved", *ESTIMATORS, "gates / oracle-maxpool"]
     rows = [

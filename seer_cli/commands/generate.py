@@ -8,7 +8,7 @@ import typer
 
 from .. import options as opt
 from ..console import handle_user_errors, stderr, warn, write_product
-from ..errors import SeerError
+from ..engine.errors import SeerError
 
 
 @handle_user_errors
@@ -55,8 +55,8 @@ def generate(
     if document is not None and document.replaced_invalid_utf8 and not quiet:
         warn(f"{document.source} is not valid UTF-8; undecodable bytes were replaced.")
 
-    from ..engine import Engine, EngineOptions
-    from ..generation import SamplingOptions
+    from ..engine.runtime import Engine, EngineOptions
+    from ..engine.generation import SamplingOptions
     from ..progress import PrefillProgress, print_stats, quiet_libraries
 
     quiet_libraries()
@@ -107,7 +107,7 @@ def generate(
 
 
 def _read_input(file: str | None):
-    from ..prompt import decode_text, read_document
+    from ..engine.prompt import decode_text, read_document
 
     if file is not None:
         return read_document(file)

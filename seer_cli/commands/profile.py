@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from .. import options as opt
 from ..console import handle_user_errors, stderr, write_product
-from ..errors import SeerError
+from ..engine.errors import SeerError
 
 DEFAULT_CONFIG = "llama-3.1-8b"
 
@@ -77,7 +77,7 @@ def kernel(
 ) -> None:
     """Attention alone at a model's shapes: dense SDPA against gates + block-sparse kernel."""
     _check_source(config, model)
-    from .. import profiling
+    from ..measure import profiling
     from ..progress import quiet_libraries
 
     quiet_libraries()
@@ -114,7 +114,7 @@ def prefill(
     --config: random weights and gates. Without --config or --model, the CPU runs the default model.
     """
     _check_source(config, model)
-    from .. import profiling
+    from ..measure import profiling
     from ..progress import quiet_libraries
 
     quiet_libraries()
@@ -139,7 +139,7 @@ def _check_source(config: str | None, model: str | None) -> None:
 
 def _settings(device: str, lengths: str | None, sparsities: str, repeats: int, output: str):
     """The torch device, lengths and sparsities to profile, every flag checked."""
-    from .. import profiling
+    from ..measure import profiling
 
     profiling.check_settings(repeats, output)
     sparsity_list = profiling.parse_sparsities(sparsities)
@@ -167,7 +167,7 @@ def _progress(quiet: bool) -> Iterator:
 
 def _finish(report, output: str, quiet: bool) -> None:
     """What was profiled and the notes on stderr, around the table on stdout."""
-    from ..report import describe, render
+    from ..measure.report import describe, render
 
     if not quiet:
         stderr.print(escape(describe(report)), soft_wrap=True)

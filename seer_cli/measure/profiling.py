@@ -1,13 +1,13 @@
 """Dense against sparse prefill, measured: attention alone (``profile_kernel``) and a whole
 model's time to first token (``profile_prefill``).
 
-Results are ``seer_cli.report`` tables: one row per test (``pp32768 @ s0.90``), each time the
+Results are ``seer_cli.measure.report`` tables: one row per test (``pp32768 @ s0.90``), each time the
 mean ± std over repeats after a warm-up. GPU times come from CUDA events; the attention-alone
 timings clear the L2 cache before every call, as ``triton.testing.do_bench`` does. CPU times
 come from the wall clock.
 
 report = profile_kernel("llama-3.1-8b", load_config("llama-3.1-8b")[1], [8192], [0.9], 5, cuda)
-print(seer_cli.report.render(report, "md"))
+print(seer_cli.measure.report.render(report, "md"))
 """
 
 import importlib.resources
@@ -37,11 +37,11 @@ from seer_gates import (
 from seer_kernels import block_sparse_attention_from_lists, block_sparse_attention_reference
 from transformers import AutoConfig
 
-from .attention import SparsePrefill, SparsityStats, attention_kernel
-from .engine import model_shape, pick_device, pick_dtype
-from .errors import SeerError
-from .generation import prefill
-from .models import SUPPORTED_MODEL_TYPES, resolve_model
+from ..engine.attention import SparsePrefill, SparsityStats, attention_kernel
+from ..engine.runtime import model_shape, pick_device, pick_dtype
+from ..engine.errors import SeerError
+from ..engine.generation import prefill
+from ..engine.models import SUPPORTED_MODEL_TYPES, resolve_model
 from .report import Column, Report, Stat, ratio
 
 OUTPUT_FORMATS = ("md", "json", "csv")
@@ -113,8 +113,8 @@ def check_settings(repeats: int, output: str) -> None:
 
 
 def shipped_configs() -> list[str]:
-    """Names of the model configs shipped in ``seer_cli/configs``."""
-    folder = importlib.resources.files("seer_cli.configs")
+    """Names of the model configs shipped in ``seer_cli/measure/configs``."""
+    folder = importlib.resources.files("seer_cli.measure.configs")
     return sorted(
         item.name[: -len(".json")] for item in folder.iterdir() if item.name.endswith(".json")
     )
@@ -122,7 +122,7 @@ def shipped_configs() -> list[str]:
 
 def load_config(name: str):
     """``(name, transformers config)`` from a shipped config name or a config.json path."""
-    shipped = importlib.resources.files("seer_cli.configs") / f"{name}.json"
+    shipped = importlib.resources.files("seer_cli.measure.configs") / f"{name}.json"
     if shipped.is_file():
         text = shipped.read_text(encoding="utf-8")
     elif Path(name).is_file():
@@ -622,7 +622,7 @@ def random_subject(name: str, config, gates: str, device: torch.device) -> Prefi
 def loaded_subject(model: str | None, gates: str, device: torch.device) -> PrefillSubject:
     """A model loaded from ``--model`` (None: the default model) with its gates as ``seer
     generate`` would load them (``auto``, ``pooled`` or a gate file)."""
-    from .engine import Engine, EngineOptions
+    from ..engine.runtime import Engine, EngineOptions
 
     # Any sparsity loads the gates; each profiled sparsity then gets its own SparsePrefill.
     options = EngineOptions(model=model, gates=gates, sparsity=0.5, device=device.type)

@@ -25,10 +25,10 @@ from seer_gates.baselines import sink_local_scores
 from seer_gates.distill import attention_recall
 from seer_kernels import BLOCK, pooled_attention, pooled_attention_reference
 
-from .attention import SparsePrefill, attention_kernel
-from .errors import SeerError
-from .generation import SamplingOptions, generate
-from .prompt import build_prompt
+from ..engine.attention import SparsePrefill, attention_kernel
+from ..engine.errors import SeerError
+from ..engine.generation import SamplingOptions, generate
+from ..engine.prompt import build_prompt
 
 # Where block scores come from. The oracles rank blocks by the true attention: the block-summed
 # probabilities ("mass", an upper bound on recall) or the max-pooled map the gates learn from.

@@ -11,7 +11,7 @@ from seer_gates.distill import HarvestedWindow
 from seer_kernels import pooled_attention, pooled_attention_reference
 from transformers import AttentionInterface
 
-from .attention import attention_kernel, block_rope, catch_pre_rope
+from ..engine.attention import attention_kernel, block_rope, catch_pre_rope
 
 HARVEST_NAME = "seer_harvest"
 

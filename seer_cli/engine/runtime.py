@@ -1,9 +1,4 @@
-"""The library API behind the CLI: load a model with its gates once, then generate.
-
-engine = Engine.load(EngineOptions(sparsity=0.9))
-prompt = engine.prompt(document=text, instruction="Summarise this.")
-result = engine.generate(prompt.ids, SamplingOptions(max_tokens=100), on_text=print)
-"""
+"""Loading a model with its gates once, then generating: the core of the engine's API."""
 
 import importlib.resources
 from dataclasses import dataclass
