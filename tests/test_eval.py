@@ -29,22 +29,19 @@ from tiny_models import (
 )
 from typer.testing import CliRunner
 
-from seer_cli.measure import evaluation
 from seer_cli.app import app
-from seer_cli.measure.evaluation import (
-    ESTIMATORS,
+from seer_cli.engine.attention import attention_kernel
+from seer_cli.engine.models import default_model_source
+from seer_cli.measure import selection
+from seer_cli.measure.evaluation import ESTIMATORS, Evaluation, kernels_for, perplexity
+from seer_cli.measure.passkey import (
     NEEDLE,
     QUESTION,
-    Evaluation,
-    block_attention_mass,
-    kernels_for,
     passkey_answer,
     passkey_prompt,
     passkey_prompts,
-    perplexity,
-    selection_recall,
 )
-from seer_cli.engine.models import default_model_source
+from seer_cli.measure.selection import block_attention_mass, selection_recall
 
 SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -87,7 +84,7 @@ def estimates_for(q, k, v) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("s, hq, hkv", [(64, 4, 4), (300, 4, 2), (1000, 9, 3)], ids=str)
 @pytest.mark.parametrize("chunk_elements", [1 << 26, 1], ids=["one-chunk", "row-chunks"])
 def test_block_mass_is_the_block_summed_softmax(s, hq, hkv, chunk_elements, monkeypatch):
-    monkeypatch.setattr(evaluation, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(selection, "_CHUNK_ELEMENTS", chunk_elements)
     q, k, _ = attention_inputs(s, hq, hkv)
     scale = 0.1
     logits = (q @ k.repeat_interleave(hq // hkv, dim=1).transpose(-1, -2)).double() * scale
@@ -218,10 +215,10 @@ def test_evaluation_on_a_model_reports_achieved_sparsity_and_bounded_recall():
 def test_float32_on_a_gpu_routes_to_the_reference_kernels(monkeypatch):
     monkeypatch.delenv("SEER_ATTENTION_KERNEL", raising=False)
     with kernels_for(torch.float32, torch.device("cuda")):
-        assert evaluation.attention_kernel(torch.device("cuda")) == "reference"
+        assert attention_kernel(torch.device("cuda")) == "reference"
     with kernels_for(torch.bfloat16, torch.device("cuda")):
-        assert evaluation.attention_kernel(torch.device("cuda")) == "triton"
-    assert evaluation.attention_kernel(torch.device("cuda")) == "triton"
+        assert attention_kernel(torch.device("cuda")) == "triton"
+    assert attention_kernel(torch.device("cuda")) == "triton"
 
 
 # ---------------------------------------------------------------- passkey

@@ -21,11 +21,12 @@ from tiny_models import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from seer_cli.engine import attention
-from seer_cli.measure import profiling
 from seer_cli.app import root
 from seer_cli.commands import profile
+from seer_cli.engine import attention
 from seer_cli.engine.errors import SeerError
+from seer_cli.engine.runtime import model_shape
+from seer_cli.measure import profiling
 from seer_cli.measure.report import Column, Report, Stat, format_stat, ratio, render
 
 app = typer.Typer(pretty_exceptions_show_locals=False)
@@ -95,7 +96,7 @@ def test_shipped_configs_load_with_their_shapes(name):
     assert loaded_name == name
     for key, value in SHIPPED_SHAPES[name].items():
         assert getattr(config, key) == value, key
-    assert profiling.model_shape(config)["head_dim"] == 128
+    assert model_shape(config)["head_dim"] == 128
     assert config.dtype == torch.bfloat16
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -251,8 +252,9 @@ def test_prefill_rows_with_a_breakdown_of_sparse_rows(tiny_config):
     for row in sparse:
         parts = [row["gates_ms"], row["attention_ms"], row["other_ms"]]
         assert all(part > 0 for part in parts), row
-        # The parts come from one extra run; the TTFT is the mean of the timed runs.
-        assert 0.5 < sum(parts) / row["ttft_ms"]["mean"] < 2, row
+        # The parts come from one extra run; the TTFT is the mean of the timed runs. A busy
+        # machine moves both, so the bound only catches a wrong unit or a missing part.
+        assert 0.1 < sum(parts) / row["ttft_ms"]["mean"] < 10, row
         assert row["achieved_sparsity"] == pytest.approx(0.1)  # 4 blocks: only 1 can go
 
 

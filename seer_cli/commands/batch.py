@@ -44,8 +44,8 @@ from ..engine.errors import SeerError
 from ..engine.prompt import read_document
 
 if TYPE_CHECKING:
-    from ..engine.runtime import Engine
     from ..engine.generation import SamplingOptions
+    from ..engine.runtime import Engine
 
 GLOB_CHARACTERS = frozenset("*?[")
 
@@ -121,8 +121,8 @@ def batch(
 
     with results or contextlib.nullcontext():
         if todo:
-            from ..engine.runtime import Engine, EngineOptions
             from ..engine.generation import SamplingOptions
+            from ..engine.runtime import Engine, EngineOptions
             from ..progress import quiet_libraries
 
             quiet_libraries()

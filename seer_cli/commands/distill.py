@@ -61,9 +61,9 @@ def distill(
     from seer_gates.distill import Distiller, evaluate
 
     from ..engine.data import token_windows
+    from ..engine.models import load_model, resolve_model
     from ..engine.runtime import model_shape, pick_device, pick_dtype
     from ..measure.harvest import Harvester
-    from ..engine.models import load_model, resolve_model
     from ..progress import quiet_libraries
 
     quiet_libraries()

@@ -89,9 +89,9 @@ def evaluate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ..engine.data import token_windows
+    from ..engine.models import load_model, resolve_model
     from ..engine.runtime import load_model_gates, pick_device, pick_dtype, resolve_gate_path
     from ..measure.evaluation import EvalReport, Evaluation, kernels_for
-    from ..engine.models import load_model, resolve_model
     from ..progress import quiet_libraries
 
     quiet_libraries()

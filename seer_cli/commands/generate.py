@@ -55,8 +55,8 @@ def generate(
     if document is not None and document.replaced_invalid_utf8 and not quiet:
         warn(f"{document.source} is not valid UTF-8; undecodable bytes were replaced.")
 
-    from ..engine.runtime import Engine, EngineOptions
     from ..engine.generation import SamplingOptions
+    from ..engine.runtime import Engine, EngineOptions
     from ..progress import PrefillProgress, print_stats, quiet_libraries
 
     quiet_libraries()

@@ -12,38 +12,24 @@ d head dim.
 import contextlib
 import math
 import os
-import random
-import re
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from seer_gates import MaskPolicy, achieved_sparsity, block_count, pooled_qk_scores, select_blocks
-from seer_gates.baselines import sink_local_scores
-from seer_gates.distill import attention_recall
-from seer_kernels import BLOCK, pooled_attention, pooled_attention_reference
+from seer_gates import MaskPolicy, block_count
 
-from ..engine.attention import SparsePrefill, attention_kernel
-from ..engine.errors import SeerError
+from ..engine.attention import SparsePrefill
 from ..engine.generation import SamplingOptions, generate
-from ..engine.prompt import build_prompt
+from .passkey import ANSWER_TOKENS, PasskeyPrompt, passkey_answer, passkey_prompts
+from .selection import POST_ROPE_SCORES, RecallProbe, ScoredPrefill, attached, topk_sparsity
 
 # Where block scores come from. The oracles rank blocks by the true attention: the block-summed
 # probabilities ("mass", an upper bound on recall) or the max-pooled map the gates learn from.
 ESTIMATORS = ("gates", "oracle-mass", "oracle-maxpool", "pooled", "sink+local")
 # The max-pooled oracle would need a dense pass of its own inside every sparse layer.
 PERPLEXITY_ESTIMATORS = ("gates", "oracle-mass", "pooled", "sink+local")
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? Answer with the number only."
-# Room for "The pass key is NNNNN." with digits tokenized one by one, as many tokenizers do.
-ANSWER_TOKENS = 16
 LM_HEAD_CHUNK = 1024
-# Re-tokenizing text cut at token boundaries can add a token at each seam.
-_SEAM_SLACK = 8
-# Attention probabilities held at once (elements) while summing them into blocks (~256 MB fp32).
-_CHUNK_ELEMENTS = 1 << 26
 
 Progress = Callable[[int, int], None]
 
@@ -72,138 +58,6 @@ def kernels_for(dtype: torch.dtype, device: torch.device):
             del os.environ["SEER_ATTENTION_KERNEL"]
         else:
             os.environ["SEER_ATTENTION_KERNEL"] = previous
-
-
-# ---------------------------------------------------------------- attention maps
-
-
-def block_attention_mass(
-    q: torch.Tensor, k: torch.Tensor, scaling: float | None = None
-) -> torch.Tensor:
-    """True causal attention summed over key blocks and averaged over the tokens of each query
-    block: ``mass[i, j]`` = mean over rows r of block i of Σ_{c in block j} P[r, c].
-
-    q: `[b, Hq, s, d]`, k: `[b, Hkv, s, d]` post-RoPE (query head h reads key head
-    h // (Hq // Hkv)); scaling defaults to 1/sqrt(d). Returns float32 `[b, Hq, nb, nb]`, each row
-    summing to 1 over j ≤ i. Works through chunks of query blocks, so memory grows with the
-    chunk, never with s².
-    """
-    b, hq, s, d = q.shape
-    hkv = k.shape[1]
-    nb = block_count(s)
-    scale = d**-0.5 if scaling is None else scaling
-    keys = k.float().unsqueeze(2).transpose(-1, -2)  # [b, Hkv, 1, d, s]
-    positions = torch.arange(s, device=q.device)
-    mass = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (hq * BLOCK * nb * BLOCK))
-    for first in range(0, nb, rows_per_chunk):
-        last = min(first + rows_per_chunk, nb)
-        start, stop = first * BLOCK, min(last * BLOCK, s)
-        queries = q[:, :, start:stop].float().view(b, hkv, hq // hkv, stop - start, d)
-        # [b, Hkv, group, rows, stop]: keys past the chunk's last query are all masked out.
-        logits = (queries @ keys[..., :stop]) * scale
-        causal = positions[:stop] <= positions[start:stop, None]
-        probs = logits.masked_fill(~causal, -math.inf).softmax(dim=-1)
-        # Zero-pad queries and keys to whole blocks: [b, Hq, R, BLOCK, last, BLOCK].
-        probs = F.pad(probs, (0, last * BLOCK - stop, 0, last * BLOCK - stop))
-        probs = probs.reshape(b, hq, last - first, BLOCK, last, BLOCK)
-        tokens = (s - positions[start:stop:BLOCK]).clamp(max=BLOCK)  # [R] queries per block
-        mass[:, :, first:last, :last] = probs.sum(dim=(3, 5)) / tokens[:, None]
-    return mass
-
-
-def _sink_local(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``sink_local_scores`` for post-RoPE q `[b, Hq, s, d]`: `[b, Hq, nb, nb]`."""
-    nb = block_count(q.shape[2])
-    return sink_local_scores(nb, q.device).expand(q.shape[0], q.shape[1], nb, nb)
-
-
-def selection_recall(
-    mass: torch.Tensor, estimates: dict[str, torch.Tensor], sparsities: list[float]
-) -> dict[tuple[str, float], float]:
-    """Recall of every estimate's block selection at every sparsity.
-
-    mass: `[b, Hq, nb, nb]` from ``block_attention_mass``; estimates: name → scores of the same
-    shape (or broadcastable to it). Every selection goes through ``select_blocks`` with
-    ``MaskPolicy(sparsity=s)``, so budgets and forced blocks are the same for all. Returns
-    (name, sparsity) → the share of the mass inside the kept blocks, averaged over rows and heads.
-    """
-    return {
-        (name, sparsity): attention_recall(
-            mass, select_blocks(scores, MaskPolicy(sparsity=sparsity))
-        )
-        for sparsity in sparsities
-        for name, scores in estimates.items()
-    }
-
-
-def topk_sparsity(num_blocks: int, sparsity: float) -> float:
-    """Achieved sparsity of top-k selection on an `nb`-block map: the same for any scores."""
-    mask = select_blocks(torch.zeros(num_blocks, num_blocks), MaskPolicy(sparsity=sparsity))
-    return achieved_sparsity(mask)
-
-
-# Scores from post-RoPE q, k alone; attention scaling is 1/sqrt(d) in every supported family.
-_SCORES = {"oracle-mass": block_attention_mass, "sink+local": _sink_local}
-
-
-@contextlib.contextmanager
-def attached(prefill: SparsePrefill | None):
-    """Yield ``prefill`` (already attached on creation; None for dense) and detach it after."""
-    try:
-        yield prefill
-    finally:
-        if prefill is not None:
-            prefill.detach()
-
-
-class ScoredPrefill(SparsePrefill):
-    """Sparse prefill whose block scores come from ``score(q, k)`` on the post-RoPE queries and
-    keys (`[b, Hq, s, d]`, `[b, Hkv, s, d]` → `[b, Hq, nb, nb]`) instead of gates."""
-
-    def __init__(self, model, policy: MaskPolicy, score: Callable):
-        self.score = score
-        super().__init__(model, policy, gates=None)
-
-    def _scores(self, layer_idx: int, q, k) -> torch.Tensor:
-        return self.score(q, k)
-
-
-class RecallProbe(SparsePrefill):
-    """Dense attention that measures, layer by layer, how much of the true attention mass each
-    estimator's block selection keeps at each sparsity, then lets the maps go.
-
-    Attached on creation; run ``window(ids)`` for each window, read ``recall`` (estimator,
-    sparsity) → one value per layer and window, and ``detach()`` when done.
-    """
-
-    def __init__(self, model, gates: torch.nn.ModuleList, sparsities: list[float]):
-        # The policy is not used: ``attend`` applies every sparsity to every estimator.
-        super().__init__(model, MaskPolicy(sparsity=0.0), gates)
-        self.sparsities = sparsities
-        self.recall: dict[tuple[str, float], list[float]] = defaultdict(list)
-
-    @torch.inference_mode()
-    def window(self, ids: torch.Tensor) -> None:
-        """One dense forward pass over ids `[s]`, measuring every layer."""
-        self.model.model(input_ids=ids[None].to(self.model.device), use_cache=False)
-
-    def attend(self, layer_idx: int, q, k, v, scaling: float | None) -> torch.Tensor:
-        if attention_kernel(q.device) == "triton":
-            out, maxpool = pooled_attention(q, k, v, scaling)
-        else:
-            out, maxpool = pooled_attention_reference(q, k, v, scaling)
-        mass = block_attention_mass(q, k, scaling)
-        estimates = {
-            "gates": self._scores(layer_idx, q, k),
-            "oracle-mass": mass,
-            "oracle-maxpool": maxpool,
-            "pooled": pooled_qk_scores(q, k),
-            "sink+local": _sink_local(q, k),
-        }
-        for key, value in selection_recall(mass, estimates, self.sparsities).items():
-            self.recall[key].append(value)
-        return out
 
 
 # ---------------------------------------------------------------- perplexity
@@ -247,7 +101,7 @@ class SparsePolicy:
             return SparsePrefill(model, self.mask, gates)
         if self.estimator == "pooled":
             return SparsePrefill(model, self.mask, None)
-        return ScoredPrefill(model, self.mask, _SCORES[self.estimator])
+        return ScoredPrefill(model, self.mask, POST_ROPE_SCORES[self.estimator])
 
 
 def perplexity_policies(sparsities: list[float], thresholds: list[float]) -> list[SparsePolicy]:
@@ -259,71 +113,6 @@ def perplexity_policies(sparsities: list[float], thresholds: list[float]) -> lis
     ]
     policies += [SparsePolicy("gates", MaskPolicy(threshold=t)) for t in thresholds]
     return policies
-
-
-# ---------------------------------------------------------------- passkey retrieval
-
-
-def _render(tokenizer, document: str, length: int) -> list[int]:
-    """The passkey prompt of ``document`` and ``QUESTION``, its document cut at the end to fit."""
-    prompt = build_prompt(
-        tokenizer, document=document, instruction=QUESTION, system=None,
-        max_prompt_tokens=length, truncate="end",
-    )  # fmt: skip
-    return prompt.ids
-
-
-def _template_head(tokenizer, length: int) -> int:
-    """Tokens that the chat template puts before the document: where two prompts that differ
-    only in their document part ways."""
-    first, second = (_render(tokenizer, text, length) for text in ("a", "b"))
-    return next(
-        (i for i, (x, y) in enumerate(zip(first, second, strict=False)) if x != y), len(first)
-    )
-
-
-def passkey_prompt(tokenizer, filler_ids: list[int], key: str, depth: float, length: int):
-    """Prompt ids (at most ``length``, a few tokens fewer after re-tokenizing) asking for the
-    pass key hidden in filler text from ``filler_ids``: the needle starts near token
-    ``depth · length`` of the prompt, and ``QUESTION`` follows the filler."""
-    needle = NEEDLE.format(key=key)
-    room = length - len(_render(tokenizer, needle, length)) - _SEAM_SLACK
-    if room < 0:
-        raise SeerError(f"{length} tokens leave no room for filler around the passkey question.")
-    before = min(max(round(depth * length) - _template_head(tokenizer, length), 0), room)
-    parts = (
-        tokenizer.decode(filler_ids[:before]),
-        needle,
-        tokenizer.decode(filler_ids[before:room]),
-    )
-    return _render(tokenizer, " ".join(part for part in parts if part), length)
-
-
-def passkey_answer(text: str) -> str | None:
-    """The first number in a generated answer, as its digits."""
-    match = re.search(r"\d+", text)
-    return match.group() if match else None
-
-
-@dataclass
-class PasskeyPrompt:
-    ids: list[int]
-    key: str
-    depth: float
-
-
-def passkey_prompts(
-    tokenizer, filler_ids: list[int], depths: list[float], trials: int, length: int, seed: int
-) -> list[PasskeyPrompt]:
-    """``trials`` prompts per depth, each with its own random 5-digit key drawn from ``seed``."""
-    rng = random.Random(seed)
-    prompts = []
-    for depth in depths:
-        for _ in range(trials):
-            key = str(rng.randint(10000, 99999))
-            ids = passkey_prompt(tokenizer, filler_ids, key, depth, length)
-            prompts.append(PasskeyPrompt(ids, key, depth))
-    return prompts
 
 
 # ---------------------------------------------------------------- results and the evaluation
