@@ -17,8 +17,8 @@ import typer
 from typer.testing import CliRunner
 
 from seer_cli.commands.batch import batch, collect_items
-from seer_cli.engine.runtime import Engine, EngineOptions
 from seer_cli.engine.errors import SeerError
+from seer_cli.engine.runtime import Engine, EngineOptions
 
 pytestmark = pytest.mark.model
 

@@ -22,10 +22,10 @@ from tiny_models import save_tiny_model, topk_sparsity
 from typer.testing import CliRunner
 
 from seer_cli.app import app
-from seer_cli.engine.runtime import Engine, EngineOptions
 from seer_cli.engine.generation import SamplingOptions
 from seer_cli.engine.models import DEFAULT_MODEL
 from seer_cli.engine.prompt import read_document
+from seer_cli.engine.runtime import Engine, EngineOptions
 
 REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -37,11 +37,11 @@ from tiny_models import (
 
 from seer_cli.engine import attention
 from seer_cli.engine.attention import SparsePrefill
-from seer_cli.engine.runtime import Engine, EngineOptions, shipped_gates
 from seer_cli.engine.errors import SeerError
 from seer_cli.engine.generation import GenerationStats, SamplingOptions, generate
 from seer_cli.engine.models import DEFAULT_MODEL
 from seer_cli.engine.prompt import build_prompt, read_document
+from seer_cli.engine.runtime import Engine, EngineOptions, shipped_gates
 
 BOOK = str(BOOKS / "pg2641.txt")
 
