@@ -7,8 +7,13 @@ import pytest
 import torch
 from seer_kernels import interpreting
 
-# The public-domain novels shared beside the checkout (../shared/data/books).
-BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
+# A public-domain novel's opening chapters (tests/data/README.md names the source).
+BOOK = Path(__file__).resolve().parent / "data" / "a-room-with-a-view.txt"
+
+
+def long_book(copies: int = 4) -> str:
+    """The fixture repeated: about 30,000 tokens a copy, longer than any tested context."""
+    return "\n\n".join([BOOK.read_text(encoding="utf-8")] * copies)
 
 
 def kernel_device() -> str | None:

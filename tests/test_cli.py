@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BOOKS
+from conftest import BOOK, long_book
 from seer_gates import GateConfig, block_count, build_gates, save_gates
 from tiny_models import save_tiny_model, topk_sparsity
 from typer.testing import CliRunner
@@ -24,7 +24,6 @@ from typer.testing import CliRunner
 from seer_cli.app import app
 from seer_cli.engine.generation import SamplingOptions
 from seer_cli.engine.models import DEFAULT_MODEL
-from seer_cli.engine.prompt import read_document
 from seer_cli.engine.runtime import Engine, EngineOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +102,7 @@ def greedy_text(engine: Engine, max_tokens: int, **prompt) -> str:
 def excerpt(tmp_path_factory) -> Path:
     """About 400 tokens of a book: 7 blocks, enough for sparsity to skip some."""
     path = tmp_path_factory.mktemp("docs") / "excerpt.txt"
-    path.write_text(read_document(str(BOOKS / "pg2641.txt")).text[:1500], encoding="utf-8")
+    path.write_text(BOOK.read_text(encoding="utf-8")[:1500], encoding="utf-8")
     return path
 
 
@@ -278,8 +277,8 @@ def test_auto_gates_without_shipped_gates_say_what_to_do(monkeypatch):
 
 @pytest.mark.model
 def test_too_long_prompt_asks_for_truncate(engines, tmp_path):
-    book = tmp_path / "moby-dick.txt"  # a whole book: far beyond the 8192-token context
-    book.write_text(read_document(str(BOOKS / "pg2701.txt")).text, encoding="utf-8")
+    book = tmp_path / "long-book.txt"  # far beyond the default model's context
+    book.write_text(long_book(), encoding="utf-8")
     result = seer("-f", str(book), "-p", "Summarise.")
     assert_user_error(result, "--truncate", "tokens")
 

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOOKS, needs_kernel_device
+from conftest import BOOK, long_book, needs_kernel_device
 from seer_gates import (
     MaskPolicy,
     block_count,
@@ -40,10 +40,8 @@ from seer_cli.engine.attention import SparsePrefill
 from seer_cli.engine.errors import SeerError
 from seer_cli.engine.generation import GenerationStats, SamplingOptions, generate
 from seer_cli.engine.models import DEFAULT_MODEL
-from seer_cli.engine.prompt import build_prompt, read_document
+from seer_cli.engine.prompt import build_prompt
 from seer_cli.engine.runtime import Engine, EngineOptions, shipped_gates
-
-BOOK = str(BOOKS / "pg2641.txt")
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
@@ -381,7 +379,7 @@ def engines():
 @pytest.fixture(scope="module")
 def book_prompt(engines):
     """About 600 prompt tokens: the start of a book and an instruction."""
-    text = read_document(BOOK).text[:2200]
+    text = BOOK.read_text(encoding="utf-8")[:2200]
     prompt = engines(dense=True).prompt(document=text, instruction="Summarise this.")
     assert 550 <= len(prompt.ids) <= 700
     return prompt.ids
@@ -443,7 +441,7 @@ def test_default_template_puts_the_document_before_the_instruction(engines):
 @pytest.mark.parametrize("mode", ["start", "middle", "end"])
 def test_truncated_book_fits_the_default_context(engines, mode):
     engine = engines(dense=True)
-    book = read_document(BOOK).text
+    book = long_book()
     prompt = engine.prompt(document=book, instruction="Summarise.", max_tokens=256, truncate=mode)
     assert engine.context_length == 8192
     assert len(prompt.ids) <= 8192 - 256

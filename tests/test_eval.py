@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOOKS
+from conftest import BOOK
 from seer_gates import MaskPolicy, block_count, pooled_qk_scores, save_gates, select_blocks
 from seer_gates.baselines import sink_local_scores
 from seer_kernels import pooled_attention_reference
@@ -242,13 +242,12 @@ def test_passkey_needle_sits_at_the_requested_depth(depth):
 def test_passkey_needle_depth_with_the_default_tokenizer(depth):
     from transformers import AutoTokenizer
 
-    from seer_cli.engine.prompt import read_document
 
     folder = default_model_source().converted_copy
     if not (folder / "tokenizer.json").is_file():
         pytest.skip("the default model has not been converted yet (run seer once)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    book = read_document(str(BOOKS / "pg2641.txt")).text
+    book = BOOK.read_text(encoding="utf-8")
     filler = tokenizer(book[:60000], add_special_tokens=False)["input_ids"]
     length = 8184
     ids = passkey_prompt(tokenizer, filler, "54321", depth, length)
