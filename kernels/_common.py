@@ -21,8 +21,13 @@ def num_blocks(seq_len: int) -> int:
     return math.ceil(seq_len / BLOCK)
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise ``ValueError`` with one sentence for anything a caller can get wrong."""
+def check_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, last_rows: bool = False
+) -> None:
+    """Raise ``ValueError`` with one sentence for anything a caller can get wrong.
+
+    With ``last_rows`` q may hold fewer tokens than k/v: the queries of the last positions.
+    """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k and v must be 4-D tensors shaped [batch, heads, seq_len, head_dim].")
     if k.shape != v.shape:
@@ -30,10 +35,15 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
             f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}."
         )
     b, hq, s, d = q.shape
-    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
+    if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(
             f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
-            "in batch, seq_len or head_dim."
+            "in batch or head_dim."
+        )
+    if s > k.shape[2] or (not last_rows and s != k.shape[2]):
+        rows = "the last positions of k/v" if last_rows else "every position of k/v"
+        raise ValueError(
+            f"q length {s} does not match k/v length {k.shape[2]}: q must hold {rows}."
         )
     if s == 0 or b == 0:
         raise ValueError("q, k and v must hold at least one token.")
@@ -44,6 +54,14 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k and v must be on the same device.")
+
+
+def query_blocks(q_len: int, kv_len: int) -> tuple[int, int]:
+    """``(first, count)``: the block rows of queries that are the last ``q_len`` of ``kv_len``
+    positions. Row r is block ``first + r`` of the key grid (its diagonal block); when the
+    queries start inside a block, that first row is partial and holds only their tokens."""
+    first = (kv_len - q_len) // BLOCK
+    return first, num_blocks(kv_len) - first
 
 
 def check_kernel_launch(q: torch.Tensor) -> None:
@@ -82,11 +100,11 @@ def seq_bucket(seq_len: int) -> int:
 
 @triton.jit
 def program_coordinates(num_q_heads, kv_group):
-    """(query block, batch, query head, key/value head) of this program, as int64.
+    """(query block row, batch, query head, key/value head) of this program, as int64.
 
-    Launch grid: (nb, batch · Hq). Programs of one head run together, so the key/value blocks
-    they share stay in L2; within a head the last query rows, which attend to the most blocks,
-    start first.
+    Launch grid: (query block rows, batch · Hq). Programs of one head run together, so the
+    key/value blocks they share stay in L2; within a head the last query rows, which attend to
+    the most blocks, start first.
     """
     block_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
     bh = tl.program_id(1)
@@ -97,17 +115,19 @@ def program_coordinates(num_q_heads, kv_group):
 
 @triton.jit
 def start_query_block(
-    q_base, block_m, stride_qs, seq_len, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
+    q_base, block_m, stride_qs, q_start, seq_len, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
 ):
     """Load one query block and the empty online-softmax state for it.
 
+    block_m is the block's index on the key grid; the rows of q are the positions
+    [q_start, seq_len), so q row r holds position q_start + r.
     Returns q [BLOCK, HEAD_DIM], offs_m [BLOCK] (token positions), row_valid [BLOCK],
     acc [BLOCK, HEAD_DIM] fp32, l_i and m_i [BLOCK] fp32.
     """
     offs_m = block_m * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_valid = offs_m < seq_len
-    q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
+    row_valid = (offs_m >= q_start) & (offs_m < seq_len)
+    q_ptrs = q_base + (offs_m - q_start)[:, None] * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
     acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
@@ -116,11 +136,12 @@ def start_query_block(
 
 
 @triton.jit
-def store_query_block(o_base, offs_m, row_valid, acc, l_i, stride_os, HEAD_DIM: tl.constexpr):
-    """Normalize the accumulator by the softmax sums and write the block's valid rows."""
+def store_query_block(o_base, rows, row_valid, acc, l_i, stride_os, HEAD_DIM: tl.constexpr):
+    """Normalize the accumulator by the softmax sums and write the block's valid rows
+    (``rows``: row indices into the output)."""
     offs_d = tl.arange(0, HEAD_DIM)
     out = acc / l_i[:, None]
-    o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = o_base + rows[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(o_base.dtype.element_ty), mask=row_valid[:, None])
 
 
@@ -135,7 +156,8 @@ def load_kv_tile(k_base, v_base, cols, offs_d, stride_ks, stride_vs):
 @triton.jit
 def load_diagonal_tile(k_base, v_base, offs_m, cols, offs_d, stride_ks, stride_vs, seq_len):
     """The diagonal key/value tile, which may be the partial last block, and its causal mask
-    keep [BLOCK_M, BLOCK_N]."""
+    keep [BLOCK_M, BLOCK_N] (offs_m: the query positions; rows before the queries' first
+    position, in a partial first block, are masked at load and store, not here)."""
     col_valid = cols < seq_len
     k = tl.load(
         k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=col_valid[None, :], other=0.0

@@ -3,6 +3,9 @@
 The online-softmax formulation follows FlashAttention-2 (Dao, 2023); block sparsity as in
 SeerAttention (arXiv 2410.13276). Each program owns one 64-row query block of one head and walks a
 compact list of the key blocks kept for that row, so the inner loop holds no mask branch.
+
+Queries may be the last rows of the keys (a prompt chunk continuing a cache): their blocks sit on
+the key grid at an offset, so a chunk of a prompt keeps exactly the tiles the whole prompt would.
 """
 
 import torch
@@ -22,6 +25,7 @@ from ._common import (
     load_kv_tile,
     num_blocks,
     program_coordinates,
+    query_blocks,
     seq_bucket,
     softmax_scale,
     start_query_block,
@@ -38,22 +42,25 @@ def _block_sparse_fwd(
     stride_ob, stride_oh, stride_os,
     stride_ib, stride_ih, stride_im,
     stride_cb, stride_ch,
-    num_q_heads, kv_group, seq_len, qk_scale, seq_bucket,
+    num_q_heads, kv_group, q_start, seq_len, qk_scale, seq_bucket,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    block_m, batch, head, kv_head = program_coordinates(num_q_heads, kv_group)
+    row, batch, head, kv_head = program_coordinates(num_q_heads, kv_group)
+    # Queries are the positions [q_start, seq_len): row r is block q_start // BLOCK + r.
+    block_m = q_start // BLOCK + row
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
 
     q, offs_m, row_valid, acc, l_i, m_i = start_query_block(
-        Q + batch * stride_qb + head * stride_qh, block_m, stride_qs, seq_len, HEAD_DIM, BLOCK
-    )
+        Q + batch * stride_qb + head * stride_qh, block_m, stride_qs, q_start, seq_len,
+        HEAD_DIM, BLOCK,
+    )  # fmt: skip
     offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
 
     # Off-diagonal kept blocks are always full tiles below the diagonal: no masking needed.
-    idx_base = BlockIdx + batch * stride_ib + head * stride_ih + block_m * stride_im
-    count = tl.load(BlockCount + batch * stride_cb + head * stride_ch + block_m)
+    idx_base = BlockIdx + batch * stride_ib + head * stride_ih + row * stride_im
+    count = tl.load(BlockCount + batch * stride_cb + head * stride_ch + row)
     for t in range(0, count):
         cols = tl.load(idx_base + t).to(tl.int64) * BLOCK + offs_n
         k, v = load_kv_tile(k_base, v_base, cols, offs_d, stride_ks, stride_vs)
@@ -66,21 +73,21 @@ def _block_sparse_fwd(
     acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep)
 
     o_base = Out + batch * stride_ob + head * stride_oh
-    store_query_block(o_base, offs_m, row_valid, acc, l_i, stride_os, HEAD_DIM)
+    store_query_block(o_base, offs_m - q_start, row_valid, acc, l_i, stride_os, HEAD_DIM)
 
 
 _block_sparse_fwd_tuned = autotuned(_block_sparse_fwd)
 
 
-def check_block_mask(block_mask: torch.Tensor, q: torch.Tensor) -> None:
+def check_block_mask(block_mask: torch.Tensor, q: torch.Tensor, kv_len: int) -> None:
     b, hq, s, _ = q.shape
-    nb = num_blocks(s)
+    shape = (b, hq, query_blocks(s, kv_len)[1], num_blocks(kv_len))
     if block_mask.dtype != torch.bool:
         raise ValueError(f"block_mask must be a bool tensor, got {block_mask.dtype}.")
-    if tuple(block_mask.shape) != (b, hq, nb, nb):
+    if tuple(block_mask.shape) != shape:
         raise ValueError(
-            f"block_mask must be shaped [batch, q_heads, nb, nb] = {(b, hq, nb, nb)} "
-            f"for seq_len {s}, got {tuple(block_mask.shape)}."
+            f"block_mask must be shaped [batch, q_heads, query block rows, key blocks] = {shape} "
+            f"for {s} queries over {kv_len} keys, got {tuple(block_mask.shape)}."
         )
     if block_mask.device != q.device:
         raise ValueError("block_mask must be on the same device as q.")
@@ -89,12 +96,15 @@ def check_block_mask(block_mask: torch.Tensor, q: torch.Tensor) -> None:
 def kept_block_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """List each query block row's kept off-diagonal key blocks, in ascending order.
 
-    block_mask: [b, H, nb, nb] bool. Returns ``(indices [b, H, nb, w] int32, counts [b, H, nb]
-    int32)`` where row ``i`` keeps ``indices[..., i, :counts[..., i]]``; the diagonal block is
-    left out of the list because the kernel always computes it, and blocks above it are ignored.
+    block_mask: [b, H, nq, nb] bool, the rows being the last nq blocks (row r is block
+    nb - nq + r). Returns ``(indices [b, H, nq, w] int32, counts [b, H, nq] int32)`` where row
+    ``r`` keeps ``indices[..., r, :counts[..., r]]``; the diagonal block is left out of the list
+    because the kernel always computes it, and blocks above it are ignored.
     """
-    nb = block_mask.shape[-1]
-    below_diagonal = torch.ones(nb, nb, dtype=torch.bool, device=block_mask.device).tril(-1)
+    nq, nb = block_mask.shape[-2:]
+    below_diagonal = torch.ones(nq, nb, dtype=torch.bool, device=block_mask.device).tril(
+        nb - nq - 1
+    )
     off_diagonal = block_mask & below_diagonal
     slot = off_diagonal.cumsum(-1, dtype=torch.int32) - 1
     counts = slot[..., -1] + 1
@@ -118,21 +128,25 @@ def block_sparse_attention(
     """Causal attention computed only on the kept 64×64 tiles.
 
     Args:
-        q: [b, Hq, s, d] queries (after RoPE); any s ≥ 1, d in (64, 128).
-        k, v: [b, Hkv, s, d]; Hq must be a multiple of Hkv (query head h reads key/value head
-            h // (Hq // Hkv); nothing is repeated in memory).
-        block_mask: [b, Hq, nb, nb] bool with nb = ceil(s / 64); only the lower triangle is read.
+        q: [b, Hq, sq, d] queries (after RoPE) of the last sq positions of k/v: a whole prompt
+            (sq = s) or a chunk that continues a cache; any sq ≥ 1, d in (64, 128).
+        k, v: [b, Hkv, s, d] with s ≥ sq; Hq must be a multiple of Hkv (query head h reads
+            key/value head h // (Hq // Hkv); nothing is repeated in memory).
+        block_mask: [b, Hq, nq, nb] bool with nb = ceil(s / 64) key blocks and nq the query
+            block rows, the last nq blocks: nq = nb - (s - sq) // 64. Row r is block nb - nq + r
+            and only its columns up to that block are read. When the queries start inside a
+            block (s - sq not a multiple of 64), their first row is that partial block.
             The diagonal block is always computed (every token attends to itself), so a row that
             keeps only its diagonal, or nothing at all, is valid.
         sm_scale: softmax scale, default 1 / sqrt(d).
 
     Returns:
-        out: [b, Hq, s, d] in q's dtype. float16/bfloat16 on CUDA; float32/float16 on the CPU
+        out: [b, Hq, sq, d] in q's dtype. float16/bfloat16 on CUDA; float32/float16 on the CPU
         under ``TRITON_INTERPRET=1``.
     """
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, last_rows=True)
     check_kernel_launch(q)
-    check_block_mask(block_mask, q)
+    check_block_mask(block_mask, q, k.shape[2])
     indices, counts = kept_block_indices(block_mask)
     return _launch_block_sparse(q, k, v, indices, counts, softmax_scale(sm_scale, q.shape[-1]))
 
@@ -147,21 +161,23 @@ def block_sparse_attention_from_lists(
 ) -> torch.Tensor:
     """:func:`block_sparse_attention` with the kept blocks given as per-row lists.
 
-    indices: [b, Hq, nb, w] int32, counts: [b, Hq, nb] int32: query block row i attends to key
-    blocks ``indices[..., i, :counts[..., i]]`` (each below the diagonal, any order) plus its
-    diagonal block. This is what a top-k selection produces directly, without a mask.
+    indices: [b, Hq, nq, w] int32, counts: [b, Hq, nq] int32: query block row r (block
+    nb - nq + r, as for the mask) attends to key blocks ``indices[..., r, :counts[..., r]]``
+    (each below its diagonal block, any order) plus that diagonal block. This is what a top-k
+    selection produces directly, without a mask.
     """
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, last_rows=True)
     b, hq, s, _ = q.shape
-    nb = num_blocks(s)
+    nq = query_blocks(s, k.shape[2])[1]
     if indices.dtype != torch.int32 or counts.dtype != torch.int32:
         raise ValueError("indices and counts must be int32 tensors.")
-    if indices.dim() != 4 or tuple(indices.shape[:3]) != (b, hq, nb):
+    if indices.dim() != 4 or tuple(indices.shape[:3]) != (b, hq, nq):
         raise ValueError(
-            f"indices must be shaped [{b}, {hq}, {nb}, width], got {tuple(indices.shape)}."
+            f"indices must be shaped [{b}, {hq}, {nq}, width] for {s} queries over "
+            f"{k.shape[2]} keys, got {tuple(indices.shape)}."
         )
-    if tuple(counts.shape) != (b, hq, nb):
-        raise ValueError(f"counts must be shaped [{b}, {hq}, {nb}], got {tuple(counts.shape)}.")
+    if tuple(counts.shape) != (b, hq, nq):
+        raise ValueError(f"counts must be shaped [{b}, {hq}, {nq}], got {tuple(counts.shape)}.")
     check_kernel_launch(q)
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
     return _launch_block_sparse(q, k, v, indices, counts, softmax_scale(sm_scale, q.shape[-1]))
@@ -170,8 +186,9 @@ def block_sparse_attention_from_lists(
 def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor:
     q, k, v = (contiguous_last(x) for x in (q, k, v))
     b, hq, s, d = q.shape
+    kv_len = k.shape[2]
     out = torch.empty_like(q)
-    grid = (num_blocks(s), b * hq)
+    grid = (query_blocks(s, kv_len)[1], b * hq)
     launch(
         _block_sparse_fwd, _block_sparse_fwd_tuned, grid, q.device,
         q, k, v, out, indices, counts,
@@ -181,7 +198,7 @@ def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor
         out.stride(0), out.stride(1), out.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         counts.stride(0), counts.stride(1),
-        hq, hq // k.shape[1], s, scale * LOG2_E, seq_bucket(s),
+        hq, hq // k.shape[1], kv_len - s, kv_len, scale * LOG2_E, seq_bucket(kv_len),
         HEAD_DIM=d, BLOCK=BLOCK,
     )  # fmt: skip
     return out

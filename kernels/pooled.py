@@ -58,7 +58,7 @@ def _pooled_fwd(
     v_base = V + batch * stride_vb + kv_head * stride_vh
 
     q, offs_m, row_valid, acc, l_i, m_i = start_query_block(
-        Q + batch * stride_qb + head * stride_qh, block_m, stride_qs, seq_len, HEAD_DIM, BLOCK
+        Q + batch * stride_qb + head * stride_qh, block_m, stride_qs, 0, seq_len, HEAD_DIM, BLOCK
     )
     offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)

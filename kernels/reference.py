@@ -6,18 +6,19 @@ They compute in the inputs' dtype with the softmax in at least float32, as the k
 
 import torch
 
-from ._common import BLOCK, check_attention_inputs, num_blocks, softmax_scale
+from ._common import BLOCK, check_attention_inputs, num_blocks, query_blocks, softmax_scale
 from .block_sparse import check_block_mask
 
 # Scores held at once per chunk (elements): bounds the references' working memory (~256 MB fp32).
 _CHUNK_ELEMENTS = 1 << 26
 
 
-def _pad_to_blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
-    """[b, H, s, d] → [b, H, nb, BLOCK, d], zero-padding the last block."""
+def _pad_to_blocks(x: torch.Tensor, nb: int, start: int = 0) -> torch.Tensor:
+    """[b, H, s, d] → [b, H, nb, BLOCK, d]: the tokens at offset ``start`` of the first block,
+    zeros around them."""
     b, h, s, d = x.shape
     padded = x.new_zeros(b, h, nb * BLOCK, d)
-    padded[:, :, :s] = x
+    padded[:, :, start : start + s] = x
     return padded.view(b, h, nb, BLOCK, d)
 
 
@@ -57,21 +58,25 @@ def block_sparse_attention_reference(
     block_mask: torch.Tensor,
     sm_scale: float | None = None,
 ) -> torch.Tensor:
-    """Reference of :func:`block_sparse_attention`, same arguments and result, any device/dtype.
+    """Reference of :func:`block_sparse_attention`, same arguments and result, any device/dtype
+    (q may be the last rows of k/v, with the block mask's rows on the key grid as there).
 
     Gathers each query block's kept key/value blocks (the diagonal always included) and runs
     one batched matmul per chunk of query block rows.
     """
-    check_attention_inputs(q, k, v)
-    check_block_mask(block_mask, q)
+    check_attention_inputs(q, k, v, last_rows=True)
+    kv_len = k.shape[2]
+    check_block_mask(block_mask, q, kv_len)
     b, hq, s, d = q.shape
     hkv = k.shape[1]
-    nb = num_blocks(s)
+    nb = num_blocks(kv_len)
+    first, nq = query_blocks(s, kv_len)
     scale = softmax_scale(sm_scale, d)
     device = q.device
 
-    causal = torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
-    diagonal = torch.eye(nb, dtype=torch.bool, device=device)
+    # Row r of the mask is block first + r of the key grid.
+    causal = torch.ones(nq, nb, dtype=torch.bool, device=device).tril(first)
+    diagonal = causal & ~torch.ones(nq, nb, dtype=torch.bool, device=device).tril(first - 1)
     kept = (block_mask & causal) | diagonal
     counts = kept.sum(-1)
     # Kept columns first, in ascending order; the tail of each row is padding.
@@ -81,13 +86,14 @@ def block_sparse_attention_reference(
     no_key = nb * BLOCK
     token = torch.arange(BLOCK, device=device)
 
-    q_blocks = _pad_to_blocks(q, nb)
+    # Queries laid on the key grid: q row 0 is position kv_len - s, inside block `first`.
+    q_blocks = _pad_to_blocks(q, nq, kv_len - s - first * BLOCK)
     k_blocks = _pad_to_blocks(k, nb)
     v_blocks = _pad_to_blocks(v, nb)
     batch_index = torch.arange(b, device=device)[:, None, None, None]
     kv_head_index = (torch.arange(hq, device=device) // (hq // hkv))[None, :, None, None]
 
-    out = q.new_empty(b, hq, nb, BLOCK, d)
+    out = q.new_empty(b, hq, nq, BLOCK, d)
     for rows, width in _chunks_of_rows(counts.amax(dim=(0, 1)).tolist(), b * hq * BLOCK * BLOCK):
         r = rows.stop - rows.start
         idx = indices[:, :, rows, :width]
@@ -96,13 +102,16 @@ def block_sparse_attention_reference(
         v_kept = v_blocks[batch_index, kv_head_index, idx].view(b, hq, r, width * BLOCK, d)
         used = slot[:width] < counts[:, :, rows, None]
         key_pos = torch.where(used[..., None], idx[..., None] * BLOCK + token, no_key)
-        query_pos = torch.arange(rows.start * BLOCK, rows.stop * BLOCK, device=device)
+        query_pos = torch.arange(
+            (first + rows.start) * BLOCK, (first + rows.stop) * BLOCK, device=device
+        )
         # [b, Hq, R, BLOCK, w·BLOCK]
         allowed = key_pos.view(b, hq, r, 1, -1) <= query_pos.view(r, BLOCK, 1)
         scores = (q_blocks[:, :, rows] @ k_kept.transpose(-1, -2)).to(_softmax_dtype(q.dtype))
         probs = torch.softmax((scores * scale).masked_fill(~allowed, float("-inf")), dim=-1)
         out[:, :, rows] = probs.to(v.dtype) @ v_kept
-    return out.view(b, hq, nb * BLOCK, d)[:, :, :s]
+    start = kv_len - s - first * BLOCK
+    return out.view(b, hq, nq * BLOCK, d)[:, :, start : start + s]
 
 
 def pooled_attention_reference(
