@@ -20,11 +20,11 @@ import datetime
 import subprocess
 
 import torch
+from seer_cli.engine.context import ContextSettings, ModelContext
 from seer_gates import block_count
-from seer_gates.policy import _forced, _causal
+from seer_gates.policy import _causal, _forced
 
 import seer_cli.engine.attention as attention
-from seer_cli.engine.context import ContextSettings, ModelContext
 from seer_cli.engine.models import load_model, resolve_model
 from seer_cli.engine.prompt import read_document
 from seer_cli.engine.runtime import load_model_gates, resolve_gate_path
@@ -108,7 +108,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     source = resolve_model(None)
     model, tokenizer = load_model(source, torch.device("cpu"), torch.float32)
-    gates = load_model_gates(resolve_gate_path(args.gates, source.name), model, source.name, "cpu")
+    gate_path = resolve_gate_path(args.gates, model, source.name)
+    gates = load_model_gates(gate_path, model, source.name, "cpu")
     context = ModelContext(model, source.name, ContextSettings())
     lengths = sorted(int(n) for n in args.lengths.split(","))
     text = read_document(args.file).text

@@ -211,6 +211,19 @@ def _config_errors(source: object):
         raise GateFileError(f"{source} has an unusable gate config: {error}") from error
 
 
+def read_gate_config(path: str | os.PathLike) -> GateConfig:
+    """The settings of a project `.safetensors` gate file, read from its header alone."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise GateFileError(f"{path} is not a readable safetensors file ({error}).") from error
+    if CONFIG_METADATA_KEY not in metadata:
+        raise GateFileError(f"{path} is not a seer gate file: its header has no gate config.")
+    with _config_errors(path):
+        return GateConfig.from_json(metadata[CONFIG_METADATA_KEY])
+
+
 def _load_safetensors(path: Path) -> tuple[GateConfig, nn.ModuleList]:
     try:
         with safe_open(path, framework="pt") as file:

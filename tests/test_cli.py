@@ -270,7 +270,7 @@ def test_nothing_to_generate_from():
 
 def test_auto_gates_without_shipped_gates_say_what_to_do(monkeypatch):
     # Whether gates ship for the default model or not, this is what a model without them gets.
-    monkeypatch.setattr("seer_cli.engine.runtime.shipped_gates", lambda name: None)
+    monkeypatch.setattr("seer_cli.engine.identity.shipped_gate_files", lambda: [])
     line = assert_user_error(seer("-p", "Hello.", "--sparsity", "0.5"))
     assert "seer distill" in line and "--gates pooled" in line
 

@@ -39,9 +39,9 @@ from seer_cli.engine import attention
 from seer_cli.engine.attention import SparsePrefill
 from seer_cli.engine.errors import SeerError
 from seer_cli.engine.generation import GenerationStats, SamplingOptions, generate
-from seer_cli.engine.models import DEFAULT_MODEL
+from seer_cli.engine.identity import shipped_gate_files
 from seer_cli.engine.prompt import build_prompt
-from seer_cli.engine.runtime import Engine, EngineOptions, shipped_gates
+from seer_cli.engine.runtime import Engine, EngineOptions
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
@@ -416,9 +416,7 @@ def test_high_sparsity_on_the_default_model(engines, book_prompt):
 
 
 @pytest.mark.model
-@pytest.mark.skipif(
-    shipped_gates(DEFAULT_MODEL) is None, reason="no gates are shipped for the default model"
-)
+@pytest.mark.skipif(not shipped_gate_files(), reason="no gates are shipped")
 def test_shipped_gates_run_on_the_default_model(engines, book_prompt):
     engine = engines(sparsity=0.5)  # --gates auto: the shipped file
     assert len(engine.sparse_prefill.gates) == 30

@@ -61,6 +61,7 @@ def distill(
     from seer_gates.distill import Distiller, evaluate
 
     from ..engine.data import token_windows
+    from ..engine.identity import model_identity
     from ..engine.models import load_model, resolve_model
     from ..engine.runtime import model_shape, pick_device, pick_dtype
     from ..measure.harvest import Harvester
@@ -117,6 +118,7 @@ def distill(
         "warmup": warmup, "seed": seed, "device": str(torch_device),
         "train_windows": len(train), "val_windows": len(val), **summary, **metrics,
         "minutes": round((time.perf_counter() - started) / 60, 2),
+        "model_identity": model_identity(loaded),
     }  # fmt: skip
     # float16 halves the file; gates load back as float32.
     save_gates(out, gates.cpu().half(), config)
@@ -127,7 +129,8 @@ def distill(
             f"{metrics['val_recall']:.3f} (oracle {metrics['val_oracle_recall']:.3f}), "
             f"{config.metadata['minutes']} min"
         )
-    write_product(json.dumps({"out": str(out), **config.metadata}) + "\n")
+    summary_out = {k: v for k, v in config.metadata.items() if k != "model_identity"}
+    write_product(json.dumps({"out": str(out), **summary_out}) + "\n")
 
 
 def _check_flags(

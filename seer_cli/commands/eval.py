@@ -71,6 +71,8 @@ def evaluate(
         int, typer.Option("--seed", help="Seed for the choice of windows and the pass keys.")
     ] = 0,
     device: opt.Device = "auto",
+    device_map: opt.DeviceMap = None,
+    max_memory: opt.MaxMemory = None,
     dtype: opt.Dtype = "auto",
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of the tables.")
@@ -90,17 +92,26 @@ def evaluate(
 
     from ..engine.data import token_windows
     from ..engine.models import load_model, resolve_model
-    from ..engine.runtime import load_model_gates, pick_device, pick_dtype, resolve_gate_path
+    from ..engine.placement import Placement
+    from ..engine.runtime import (
+        check_gate_option,
+        load_model_gates,
+        pick_device,
+        pick_dtype,
+        resolve_gate_path,
+    )
     from ..measure.evaluation import EvalReport, Evaluation, kernels_for
     from ..progress import quiet_libraries
 
     quiet_libraries()
     started = time.perf_counter()
-    torch_device = pick_device(device)
+    placement = Placement.parse(device_map, max_memory)
+    torch_device = pick_device(device, placement)
     torch_dtype = pick_dtype(dtype, torch_device)
     source = resolve_model(model)
-    gate_path = resolve_gate_path(gates, source.name)
-    loaded, tokenizer = load_model(source, torch_device, torch_dtype)
+    check_gate_option(gates)
+    loaded, tokenizer = load_model(source, torch_device, torch_dtype, placement)
+    gate_path = resolve_gate_path(gates, loaded, source.name)
     context = loaded.config.max_position_embeddings
     if seq_len > context:
         raise SeerError(

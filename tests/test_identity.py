@@ -1,0 +1,82 @@
+"""Gates are matched to a model by what it is (shapes, vocabulary, a few weights), not its name."""
+
+import pytest
+import torch
+from conftest import BOOK
+from seer_gates import GateConfig, build_gates, read_gate_config, save_gates
+from tiny_models import tiny_model
+from typer.testing import CliRunner
+
+from seer_cli.app import app
+from seer_cli.engine.identity import (
+    describe,
+    find_shipped_gates,
+    model_identity,
+    same_model,
+    shipped_gate_files,
+)
+from seer_cli.engine.models import default_model_source
+from seer_cli.engine.runtime import model_shape
+
+
+def test_a_model_is_itself_in_any_precision():
+    model = tiny_model("llama", seed=0)
+    identity = model_identity(model)
+    assert same_model(identity, identity)
+    assert same_model(identity, model_identity(model.to(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("other", ["seed", "family", "vocabulary"])
+def test_another_model_is_not_this_one(other):
+    model = tiny_model("llama", seed=0)
+    identity = model_identity(model)
+    if other == "seed":
+        theirs = model_identity(tiny_model("llama", seed=1))
+    elif other == "family":
+        theirs = model_identity(tiny_model("qwen2", seed=0))
+    else:
+        theirs = {**identity, "vocab_size": identity["vocab_size"] + 1}
+    assert not same_model(identity, theirs)
+
+
+def test_identity_names_the_shapes():
+    text = describe(model_identity(tiny_model("llama")))
+    assert text.startswith("llama, ") and "layers" in text and "vocabulary" in text
+
+
+def test_shipped_gates_are_found_by_identity_whatever_the_file_is_called(tmp_path, monkeypatch):
+    model = tiny_model("llama", seed=0)
+    config = GateConfig(
+        base_model="a-name-nobody-passes",
+        metadata={"model_identity": model_identity(model)},
+        **model_shape(model.config),
+    )
+    ours = tmp_path / "renamed.safetensors"
+    save_gates(ours, build_gates(config), config)
+    other = tmp_path / "other.safetensors"
+    theirs = {**model_identity(tiny_model("llama", seed=1))}
+    config.metadata = {"model_identity": theirs}
+    save_gates(other, build_gates(config), config)
+
+    monkeypatch.setattr("seer_cli.engine.identity.shipped_gate_files", lambda: [other, ours])
+    assert find_shipped_gates(model) == (ours, [])
+    monkeypatch.setattr("seer_cli.engine.identity.shipped_gate_files", lambda: [other])
+    path, described = find_shipped_gates(model)
+    assert path is None and described == [f"other ({describe(theirs)})"]
+
+
+def test_every_shipped_gate_file_records_its_model():
+    for path in shipped_gate_files():
+        identity = read_gate_config(path).metadata.get("model_identity")
+        assert identity and len(identity["fingerprint"]) > 0, path
+
+
+@pytest.mark.model
+def test_the_bundled_gguf_named_by_path_gets_the_shipped_gates(tmp_path):
+    source = default_model_source()
+    notes = tmp_path / "notes.txt"
+    notes.write_text(BOOK.read_text(encoding="utf-8")[:800], encoding="utf-8")
+    args = ["generate", "-m", str(source.folder / source.gguf_file), "-f", str(notes)]
+    args += ["-p", "x", "--sparsity", "0.5", "-n", "4", "--json", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
