@@ -200,9 +200,12 @@ def autotuned(kernel):
 
 
 def launch(kernel, tuned_kernel, grid, device: torch.device, *args, **constexprs) -> None:
-    """Run ``tuned_kernel`` on the GPU; the interpreter runs ``kernel`` once, untuned."""
+    """Run ``kernel`` on the GPU with the configuration kept for this GPU and key (tuned once
+    with ``tuned_kernel`` where none is kept yet); the interpreter runs it once, untuned."""
     if interpreting():
         kernel[grid](*args, **constexprs)
         return
+    from .tuning import launch_tuned
+
     with torch.cuda.device(device):
-        tuned_kernel[grid](*args, **constexprs)
+        launch_tuned(kernel, tuned_kernel, grid, device, args, constexprs)

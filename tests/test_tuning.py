@@ -1,0 +1,84 @@
+"""Kernel configurations are tuned once per GPU and key, then read back in every process."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import needs_gpu
+from seer_kernels import tuning
+
+
+class FakeKernel:
+    """Records launches the way ``kernel[grid](*args, **kwargs)`` makes them."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+class FakeAutotuner(FakeKernel):
+    arg_names = ["Q", "seq_len", "seq_bucket"]
+    keys = ["seq_bucket", "HEAD_DIM"]
+    base_fn = SimpleNamespace(__name__="_fake_fwd")
+    best_config = SimpleNamespace(num_warps=8, num_stages=3, kwargs={})
+
+
+@pytest.fixture
+def fresh_tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "gpu_slug", lambda device: "test-gpu")
+    monkeypatch.setattr(tuning, "_tables", {})
+    return tmp_path / "tuning" / "test-gpu.json"
+
+
+def test_the_key_is_the_autotuners_own():
+    args = (torch.zeros(2, dtype=torch.float16), 1000, 1024)
+    key = tuning.tuning_key(FakeAutotuner(), args, {"HEAD_DIM": 64})
+    assert key == "_fake_fwd:1024,64,torch.float16"
+
+
+def test_first_launch_tunes_and_records_later_ones_read_the_record(fresh_tables):
+    notices = []
+    tuning.set_tuning_notifier(notices.append)
+    try:
+        kernel, autotuner = FakeKernel(), FakeAutotuner()
+        args, constexprs = (torch.zeros(1), 100, 128), {"HEAD_DIM": 64}
+        tuning.launch_tuned(kernel, autotuner, (1,), "cuda", args, constexprs)
+        assert len(autotuner.launches) == 1 and kernel.launches == [] and len(notices) == 1
+        recorded = json.loads(fresh_tables.read_text())
+        assert list(recorded.values()) == [{"num_warps": 8, "num_stages": 3}]
+
+        tuning._tables.clear()  # a new process: only the file remains
+        tuning.launch_tuned(kernel, autotuner, (1,), "cuda", args, constexprs)
+        assert len(autotuner.launches) == 1 and len(notices) == 1
+        assert kernel.launches[0][2] == {"HEAD_DIM": 64, "num_warps": 8, "num_stages": 3}
+    finally:
+        tuning.set_tuning_notifier(None)
+
+
+def test_a_corrupt_cache_file_means_tuning_again(fresh_tables):
+    fresh_tables.parent.mkdir(parents=True)
+    fresh_tables.write_text("{not json")
+    autotuner = FakeAutotuner()
+    tuning.launch_tuned(FakeKernel(), autotuner, (1,), "cuda", (torch.zeros(1), 1, 1), {})
+    assert len(autotuner.launches) == 1
+    assert len(json.loads(fresh_tables.read_text())) == 1
+
+
+def test_shipped_entries_win_over_the_cache(fresh_tables, monkeypatch):
+    table = tuning.TuningTable("test-gpu")
+    table.shipped = {"k": {"num_warps": 4, "num_stages": 2}}
+    table.record("k", {"num_warps": 8, "num_stages": 4})
+    assert table.get("k") == {"num_warps": 4, "num_stages": 2}
+
+
+@needs_gpu
+def test_shipped_tables_hold_valid_configs():
+    from importlib.resources import files
+
+    for item in (files("seer_kernels") / "tuned").iterdir():
+        for key, config in json.loads(item.read_text()).items():
+            assert config["num_warps"] in (2, 4, 8, 16) and config["num_stages"] >= 1, key
