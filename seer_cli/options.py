@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from .engine.context import ContextSettings
 from .engine.errors import SeerError
 
 Model = Annotated[
@@ -89,6 +90,40 @@ Truncate = Annotated[
         help="If the prompt is longer than the context, cut the document's start, middle or end.",
     ),
 ]
+CtxSize = Annotated[
+    int | None,
+    typer.Option(
+        "--ctx-size",
+        "-c",
+        envvar="SEER_CTX_SIZE",
+        help="Longest prompt plus answer, in tokens; past the model's native context RoPE is "
+        "scaled (default: 32768 for the default model, else the native context).",
+    ),
+]
+RopeScaling = Annotated[
+    str | None,
+    typer.Option(
+        "--rope-scaling",
+        envvar="SEER_ROPE_SCALING",
+        help="RoPE scaling past the native context: none, linear or yarn (default yarn).",
+    ),
+]
+RopeScale = Annotated[
+    float | None,
+    typer.Option(
+        "--rope-scale",
+        envvar="SEER_ROPE_SCALE",
+        help="RoPE context scaling factor (default: --ctx-size / --yarn-orig-ctx).",
+    ),
+]
+YarnOrigCtx = Annotated[
+    int | None,
+    typer.Option(
+        "--yarn-orig-ctx",
+        envvar="SEER_YARN_ORIG_CTX",
+        help="Original context that YaRN stretches (default: the model's native context).",
+    ),
+]
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", envvar="SEER_QUIET", help="No stats or progress on stderr.")
 ]
@@ -118,3 +153,9 @@ def check_generation_flags(
         raise SeerError(f"--top-k must be 0 or more, got {top_k}.")
     if truncate is not None and truncate not in TRUNCATE_MODES:
         raise SeerError(f"--truncate must be one of {', '.join(TRUNCATE_MODES)}, got {truncate!r}.")
+
+def context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx) -> ContextSettings:
+    """The context flags, checked before any model is loaded."""
+    settings = ContextSettings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
+    settings.check()
+    return settings

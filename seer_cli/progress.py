@@ -4,6 +4,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .console import stderr
+from .engine.context import RopeScaling
 from .engine.generation import GenerationStats
 
 
@@ -51,7 +52,17 @@ def print_stats(console: Console, stats: GenerationStats, requested_sparsity: fl
     console.print(
         f"Generation: {stats.predicted_n} tokens, {stats.predicted_per_second:.1f} tokens-per-sec"
     )
+    if stats.n_ctx is not None:
+        console.print(f"Context: {stats.n_ctx} tokens, {_rope(stats)}")
     if stats.sparsity is not None:
         asked = f" (requested {requested_sparsity:.2f})" if requested_sparsity is not None else ""
         console.print(f"Sparsity: {stats.sparsity:.3f} of causal blocks skipped{asked}")
     console.print(f"Peak memory: {stats.peak_memory_gb:.2f} GB")
+
+
+def _rope(stats: GenerationStats) -> str:
+    """How the prompt's positions were read, against the model's native context."""
+    if stats.rope_scaling == "none":
+        return f"RoPE unscaled (prompt and answer fit the native {stats.n_ctx_train})"
+    scaling = RopeScaling(stats.rope_scaling, stats.rope_scale, stats.yarn_orig_ctx)
+    return f"RoPE {scaling} (past the native {stats.n_ctx_train})"

@@ -105,6 +105,10 @@ def batch(
     top_k: opt.TopK = 0,
     seed: opt.Seed = None,
     truncate: opt.Truncate = None,
+    ctx_size: opt.CtxSize = None,
+    rope_scaling: opt.RopeScaling = None,
+    rope_scale: opt.RopeScale = None,
+    yarn_orig_ctx: opt.YarnOrigCtx = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """Run many documents through one loaded model, writing one JSON line per document."""
@@ -112,6 +116,7 @@ def batch(
         sparsity=sparsity, threshold=threshold, dense=dense, max_tokens=max_tokens,
         temperature=temp, top_p=top_p, top_k=top_k, truncate=truncate,
     )  # fmt: skip
+    context = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
     if resume and out is None:
         raise SeerError("--resume needs --out, the results file to continue.")
     items = collect_items(inputs, exclude=out)
@@ -129,7 +134,7 @@ def batch(
             engine = Engine.load(
                 EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
                               dense=dense, device=device, dtype=dtype,
-                              sparse_min_tokens=sparse_min_tokens)
+                              sparse_min_tokens=sparse_min_tokens, context=context)
             )  # fmt: skip
             sampling = SamplingOptions(
                 max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed

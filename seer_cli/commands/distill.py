@@ -43,12 +43,21 @@ def distill(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing OUT.")
     ] = False,
+    ctx_size: opt.CtxSize = None,
+    rope_scaling: opt.RopeScaling = None,
+    rope_scale: opt.RopeScale = None,
+    yarn_orig_ctx: opt.YarnOrigCtx = None,
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
     quiet: opt.Quiet = False,
 ) -> None:
-    """Train gates for MODEL on texts (self-distillation), writing a gate file."""
+    """Train gates for MODEL on texts (self-distillation), writing a gate file.
+
+    Windows longer than the model's native context are read with the RoPE scaling that
+    ``seer generate`` would use (``--ctx-size``, ``--rope-scaling``, …), recorded in the file.
+    """
     _check_flags(out, steps, batch_size, seq_len, lr, val_fraction, overwrite, resume)
+    context_settings = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
     import torch
     from rich.progress import (
         BarColumn,
@@ -60,6 +69,7 @@ def distill(
     from seer_gates import GateConfig, build_gates, save_gates
     from seer_gates.distill import Distiller, evaluate
 
+    from ..engine.context import ModelContext, scaling_fields
     from ..engine.data import token_windows
     from ..engine.identity import model_identity
     from ..engine.models import load_model, resolve_model
@@ -72,6 +82,13 @@ def distill(
     torch_device = pick_device(device)
     source = resolve_model(model)
     loaded, tokenizer = load_model(source, torch_device, pick_dtype(dtype, torch_device))
+    context = ModelContext(loaded, source.name, context_settings)
+    if seq_len > context.size:
+        raise SeerError(
+            f"--seq-len {seq_len} is longer than the context of {source.name} ({context.size} "
+            "tokens); pass --ctx-size to extend it."
+        )
+    scaling = context.apply(seq_len)
     config = GateConfig(
         base_model=source.name, hidden_size=hidden_size, **model_shape(loaded.config)
     )
@@ -85,10 +102,12 @@ def distill(
     with progress:
         task = progress.add_task("harvest", total=len(windows), info="")
         harvested = []
+        harvest_started = time.perf_counter()
         with Harvester(loaded, hidden_size) as harvester:
             for ids in windows:
                 harvested.append(harvester.window(ids[None]))
                 progress.advance(task)
+        harvest_minutes = round((time.perf_counter() - harvest_started) / 60, 2)
         del loaded
         held_out = max(1, round(len(harvested) * val_fraction))
         train, val = harvested[held_out:], harvested[:held_out]
@@ -118,6 +137,8 @@ def distill(
         "warmup": warmup, "seed": seed, "device": str(torch_device),
         "train_windows": len(train), "val_windows": len(val), **summary, **metrics,
         "minutes": round((time.perf_counter() - started) / 60, 2),
+        "harvest_minutes": harvest_minutes, "peak_memory_gb": _peak_memory_gb(torch_device),
+        "n_ctx_train": context.native, **scaling_fields(scaling),
         "model_identity": model_identity(loaded),
     }  # fmt: skip
     # float16 halves the file; gates load back as float32.
@@ -148,6 +169,15 @@ def _check_flags(
         raise SeerError(f"{out} already exists; pass --overwrite to replace it.")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise SeerError(f"cannot write {out}: {out.parent} is not a writable folder.")
+
+
+def _peak_memory_gb(device) -> float | None:
+    """Peak GPU memory of the run (harvest and training), None on the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
 
 
 def _atomic_torch_save(state: dict, path: Path) -> None:

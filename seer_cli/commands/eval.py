@@ -1,10 +1,15 @@
 """``seer eval``: what sparse prefill costs, measured on the user's texts with one loaded model.
 
-On non-overlapping windows of ``--seq-len`` tokens:
+On non-overlapping windows of ``--seq-len`` tokens (past the model's native context read with
+the RoPE scaling of ``--ctx-size``, ``--rope-scaling``, … as ``seer generate`` reads them):
 
-- perplexity, dense and sparse: the learned gates, the true-attention-mass oracle, the pooled
-  estimator and a sink + local window at each of ``--sparsities``, the gates at each of
-  ``--thresholds``, with the sparsity each achieved;
+- context, for windows longer than the native context: dense perplexity of each window's last
+  ``--tail`` tokens given only the last native-context tokens (native RoPE, then scaled) and
+  given the whole window (scaled), so the extension is measured against the native context;
+- perplexity (of the last ``--tail`` tokens of each window), dense and sparse: the learned
+  gates, the true-attention-mass oracle, the pooled estimator and a sink + local window at
+  each of ``--sparsities``, the gates at each of ``--thresholds``, with the sparsity each
+  achieved;
 - attention recall at equal sparsity: the share of the true attention mass inside the blocks
   kept by the gates, two oracles and two training-free baselines;
 - passkey retrieval: a 5-digit key hidden at each of ``--depths`` of filler text from the data,
@@ -28,7 +33,9 @@ from ..engine.errors import SeerError
 if TYPE_CHECKING:
     from ..measure.evaluation import EvalReport
 
-TASKS = ("perplexity", "recall", "passkey")
+TASKS = ("context", "perplexity", "recall", "passkey")
+# Windows longer than the native context: perplexity of this many last tokens (as in EVAL.md).
+LONG_CONTEXT_TAIL = 4096
 
 
 @handle_user_errors
@@ -65,8 +72,25 @@ def evaluate(
         str, typer.Option("--passkey-sparsities", help="Comma-separated sparsities (passkey).")
     ] = "0.5,0.9",
     tasks: Annotated[
-        str, typer.Option("--tasks", help="Comma-separated: perplexity, recall, passkey.")
-    ] = ",".join(TASKS),
+        str | None,
+        typer.Option(
+            "--tasks",
+            help="Comma-separated: context, perplexity, recall, passkey (default: all; context "
+            "only for windows longer than the native context).",
+        ),
+    ] = None,
+    tail: Annotated[
+        int | None,
+        typer.Option(
+            "--tail",
+            help=f"Perplexity of each window's last N tokens (default: all within the native "
+            f"context, the last {LONG_CONTEXT_TAIL} past it).",
+        ),
+    ] = None,
+    ctx_size: opt.CtxSize = None,
+    rope_scaling: opt.RopeScaling = None,
+    rope_scale: opt.RopeScale = None,
+    yarn_orig_ctx: opt.YarnOrigCtx = None,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for the choice of windows and the pass keys.")
     ] = 0,
@@ -81,15 +105,19 @@ def evaluate(
 ) -> None:
     """Measure sparse prefill against dense attention: perplexity, attention recall, passkey."""
     chosen = _tasks(tasks)
+    context_settings = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
     sparsity_list = _fractions("--sparsities", sparsities)
     threshold_list = _fractions("--thresholds", thresholds)
     depth_list = _fractions("--depths", depths, up_to_one=True)
     passkey_list = _fractions("--passkey-sparsities", passkey_sparsities)
     _check_flags(chosen, sparsity_list, depth_list, gates, seq_len, max_windows, trials)
+    if tail is not None and not 1 <= tail < seq_len:
+        raise SeerError(f"--tail must be in [1, --seq-len), got {tail}.")
 
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from ..engine.context import ModelContext
     from ..engine.data import token_windows
     from ..engine.models import load_model, resolve_model
     from ..engine.placement import Placement
@@ -112,18 +140,15 @@ def evaluate(
     check_gate_option(gates)
     loaded, tokenizer = load_model(source, torch_device, torch_dtype, placement)
     gate_path = resolve_gate_path(gates, loaded, source.name)
-    context = loaded.config.max_position_embeddings
-    if seq_len > context:
-        raise SeerError(
-            f"--seq-len {seq_len} is longer than the context of {source.name} ({context} tokens)."
-        )
+    context = ModelContext(loaded, source.name, context_settings)
+    chosen, tail = _long_context(chosen, tasks is None, tail, seq_len, context, source.name)
     trained_gates = load_model_gates(gate_path, loaded, source.name, torch_device)
     windows, summary = token_windows(tokenizer, data, seq_len, max_windows, seed, min_windows=1)
-    evaluation = Evaluation(loaded, tokenizer, trained_gates, windows)
+    evaluation = Evaluation(loaded, tokenizer, trained_gates, windows, context, tail)
     report = EvalReport(
         model=source.name, gates=gate_path, device=str(torch_device),
         dtype=str(torch_dtype).removeprefix("torch."), seq_len=seq_len, windows=len(windows),
-        data_files=summary["data_files"],
+        data_files=summary["data_files"], rope=evaluation.rope(), tail_tokens=tail,
     )  # fmt: skip
     if not quiet:
         _print_plan(report, torch_dtype == torch.float32 and torch_device.type == "cuda")
@@ -138,6 +163,8 @@ def evaluate(
         return lambda done, total: progress.update(task, completed=done, total=total)
 
     with progress, kernels_for(torch_dtype, torch_device):
+        if "context" in chosen:
+            report.context = evaluation.context_baseline(tracker("context"))
         if "perplexity" in chosen:
             report.perplexity = evaluation.perplexity(
                 sparsity_list, threshold_list, tracker("perplexity")
@@ -158,7 +185,9 @@ def evaluate(
 # ---------------------------------------------------------------- flags
 
 
-def _tasks(text: str) -> list[str]:
+def _tasks(text: str | None) -> list[str]:
+    if text is None:
+        return list(TASKS)
     names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [name for name in names if name not in TASKS]
     if unknown or not names:
@@ -200,6 +229,33 @@ def _check_flags(tasks, sparsities, depths, gates, seq_len, max_windows, trials)
         raise SeerError(f"--trials must be at least 1, got {trials}.")
 
 
+def _long_context(chosen, by_default: bool, tail, seq_len: int, context, name: str):
+    """The tasks and tail for windows of ``seq_len`` under ``context``: the context task only
+    for windows past the native context (asked for explicitly, anything else is an error), and
+    the default tail past it."""
+    if seq_len > context.size:
+        raise SeerError(
+            f"--seq-len {seq_len} is longer than the context of {name} ({context.size} tokens, "
+            "--ctx-size)."
+        )
+    if seq_len <= context.native:
+        if "context" in chosen and not by_default:
+            raise SeerError(
+                f"--tasks context compares windows longer than the native context of {name} "
+                f"({context.native} tokens) with their last {context.native}; --seq-len "
+                f"{seq_len} is not longer."
+            )
+        return [task for task in chosen if task != "context"], tail
+    if tail is None:
+        tail = min(LONG_CONTEXT_TAIL, context.native - 1)
+    elif tail >= context.native:
+        raise SeerError(
+            f"--tail {tail} must be shorter than the native context ({context.native} tokens), "
+            "which the context task compares with."
+        )
+    return chosen, tail
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -207,7 +263,7 @@ def _print_plan(report: "EvalReport", reference_kernels: bool) -> None:
     stderr.print(
         f"Evaluating {report.model} with gates {Path(report.gates).name} on {report.windows} "
         f"windows of {report.seq_len} tokens from {', '.join(report.data_files)} "
-        f"({report.device}, {report.dtype})",
+        f"({report.device}, {report.dtype}; RoPE {report.rope})",
         soft_wrap=True,
     )
     if reference_kernels:
@@ -223,10 +279,17 @@ def _markdown(report: "EvalReport") -> str:
     sections = [
         f"**{report.model}**, gates {Path(report.gates).name}: {report.windows} windows × "
         f"{report.seq_len} tokens of {', '.join(report.data_files)} "
-        f"({report.device}, {report.dtype})"
+        f"({report.device}, {report.dtype}; RoPE {report.rope})"
     ]
+    tail = f" of each window's last {report.tail_tokens} tokens" if report.tail_tokens else ""
+    if report.context:
+        sections.append(
+            f"## Context extension\n\nDense perplexity{tail}, by what the model sees.\n\n"
+            + _context_table(report)
+        )
     if report.perplexity:
-        sections.append("## Perplexity\n\n" + _perplexity_table(report))
+        intro = f"Perplexity{tail}.\n\n" if tail else ""
+        sections.append("## Perplexity\n\n" + intro + _perplexity_table(report))
     if report.recall:
         sections.append(
             "## Attention recall at equal sparsity\n\n"
@@ -266,6 +329,20 @@ def _perplexity_table(report: "EvalReport") -> str:
             "—" if row.delta_percent is None else f"{row.delta_percent:+.1f} %",
         ]
         for row in report.perplexity
+    ]
+    return _table(header, rows)
+
+
+def _context_table(report: "EvalReport") -> str:
+    header = ["what the model sees", "RoPE", "perplexity", "Δ vs native"]
+    rows = [
+        [
+            row.label,
+            row.rope,
+            f"{row.perplexity:.3f}",
+            "—" if row.delta_percent is None else f"{row.delta_percent:+.1f} %",
+        ]
+        for row in report.context
     ]
     return _table(header, rows)
 

@@ -36,6 +36,10 @@ def generate(
     top_k: opt.TopK = 0,
     seed: opt.Seed = None,
     truncate: opt.Truncate = None,
+    ctx_size: opt.CtxSize = None,
+    rope_scaling: opt.RopeScaling = None,
+    rope_scale: opt.RopeScale = None,
+    yarn_orig_ctx: opt.YarnOrigCtx = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text and stats), nothing else.")
     ] = False,
@@ -49,6 +53,7 @@ def generate(
         sparsity=sparsity, threshold=threshold, dense=dense, max_tokens=max_tokens,
         temperature=temp, top_p=top_p, top_k=top_k, truncate=truncate,
     )  # fmt: skip
+    context = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
     document = _read_input(file)
     if document is None and not prompt:
         raise SeerError("nothing to generate from: give --prompt, --file, or text on stdin.")
@@ -63,7 +68,7 @@ def generate(
     engine = Engine.load(
         EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
                       dense=dense, device=device, dtype=dtype,
-                      sparse_min_tokens=sparse_min_tokens)
+                      sparse_min_tokens=sparse_min_tokens, context=context)
     )  # fmt: skip
     tokens = engine.prompt(
         document=document.text if document else None, instruction=prompt, system=system,

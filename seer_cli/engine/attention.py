@@ -160,7 +160,8 @@ class SparsePrefill:
         )
 
     def _block_rope(self, num_blocks: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (num_blocks, batch, device)
+        # The rotary module in place tells native from scaled RoPE (ModelContext switches it).
+        key = (num_blocks, batch, self.model.model.rotary_emb, device)
         if key not in self._rope_cache:
             tables = block_rope(self.model, self.gates[0].hidden_size, num_blocks, batch, device)
             self._rope_cache = {key: tables}
@@ -169,10 +170,12 @@ class SparsePrefill:
 
 def block_rope(model, hidden_size: int, num_blocks: int, batch: int, device):
     """Gate RoPE tables ``(cos, sin)`` ``[batch, nb, h]`` at block positions, from the model's
-    own rotary class (its theta and scaling) at the gate's width."""
-    config = copy.deepcopy(model.config)
+    rotary module in place (its class, theta and scaling, which ``ModelContext`` switches by
+    prompt length) at the gate's width."""
+    rotary = model.model.rotary_emb
+    config = copy.deepcopy(rotary.config)
     config.head_dim = hidden_size
-    rotary = type(model.model.rotary_emb)(config=config).to(device)
+    rotary = type(rotary)(config=config).to(device)
     probe = torch.empty(1, device=device, dtype=torch.float32)
     return block_rope_tables(
         lambda positions: rotary(probe, positions), num_blocks, 64, batch, device

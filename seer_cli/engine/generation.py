@@ -46,6 +46,22 @@ class GenerationStats:
     peak_memory_gb: float = 0.0
     truncated_tokens: int = 0
     interrupted: bool = False
+    # The context (--ctx-size), the model's native one, and the RoPE this prompt ran with:
+    # rope_scaling "none" is the model's own; "linear" or "yarn" stretch positions by rope_scale
+    # (YaRN from yarn_orig_ctx).
+    n_ctx: int | None = None
+    n_ctx_train: int | None = None
+    rope_scaling: str = "none"
+    rope_scale: float | None = None
+    yarn_orig_ctx: int | None = None
+
+    def set_context(self, n_ctx: int, n_ctx_train: int, scaling) -> None:
+        """Record the context sizes and the ``context.RopeScaling`` in use (None: unscaled)."""
+        from .context import scaling_fields
+
+        self.n_ctx, self.n_ctx_train = n_ctx, n_ctx_train
+        for name, value in scaling_fields(scaling).items():
+            setattr(self, name, value)
 
     @property
     def prompt_per_second(self) -> float:

@@ -92,7 +92,7 @@ def build_prompt(
     if truncate is None or not document:
         raise SeerError(
             f"the prompt is {len(ids)} tokens but at most {max_prompt_tokens} fit "
-            "(model context minus --max-tokens); "
+            "(the context, --ctx-size, minus --max-tokens); "
             "pass --truncate start|middle|end to cut the document."
         )
     doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]

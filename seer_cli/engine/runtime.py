@@ -1,9 +1,10 @@
 """Loading a model with its gates once, then generating: the core of the engine's API."""
 
 import importlib.resources
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .context import ContextSettings, ModelContext
 from .errors import SeerError
 from .generation import GenerationResult, SamplingOptions, generate
 from .models import load_model, resolve_model
@@ -17,7 +18,8 @@ DEVICES = ("auto", "cpu", "cuda")
 class EngineOptions:
     """``gates``: a gate file or published folder, ``auto`` (the gates shipped for the model) or
     ``pooled`` (training-free). With neither sparsity nor threshold, or ``dense``, attention is
-    the unmodified model's."""
+    the unmodified model's. ``context``: the context size and RoPE scaling of prompts past the
+    native context."""
 
     model: str | None = None
     gates: str = "auto"
@@ -27,6 +29,7 @@ class EngineOptions:
     device: str = "auto"
     dtype: str = "auto"
     sparse_min_tokens: int | None = None  # None: the device's measured crossover
+    context: ContextSettings = field(default_factory=ContextSettings)
 
     @property
     def sparse(self) -> bool:
@@ -72,11 +75,12 @@ def model_shape(config) -> dict:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, name: str, sparse_prefill=None):
+    def __init__(self, model, tokenizer, name: str, sparse_prefill=None, context=None):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.sparse_prefill = sparse_prefill
+        self.context = context or ModelContext(model, name, ContextSettings())
 
     @classmethod
     def load(cls, options: EngineOptions) -> "Engine":
@@ -88,11 +92,13 @@ class Engine:
                 policy = MaskPolicy(sparsity=options.sparsity, threshold=options.threshold)
             except ValueError as error:
                 raise SeerError(str(error)) from error
+        options.context.check()
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
         source = resolve_model(options.model)
         gate_path = resolve_gate_path(options.gates, source.name) if policy else None
         model, tokenizer = load_model(source, device, dtype)
+        context = ModelContext(model, source.name, options.context)
         sparse_prefill = None
         if policy is not None:
             from .attention import SparsePrefill, default_min_sparse_tokens
@@ -102,11 +108,12 @@ class Engine:
             if min_tokens is None:
                 min_tokens = default_min_sparse_tokens(device, options.sparsity)
             sparse_prefill = SparsePrefill(model, policy, gates, min_tokens)
-        return cls(model, tokenizer, source.name, sparse_prefill)
+        return cls(model, tokenizer, source.name, sparse_prefill, context)
 
     @property
     def context_length(self) -> int:
-        return self.model.config.max_position_embeddings
+        """The longest prompt plus answer: ``--ctx-size``, or its default for the model."""
+        return self.context.size
 
     def prompt(
         self,
@@ -129,9 +136,13 @@ class Engine:
     def generate(
         self, prompt_ids: list[int], options: SamplingOptions, **callbacks
     ) -> GenerationResult:
+        """Generate from ``prompt_ids``. The RoPE is the model's own when the prompt and up to
+        ``options.max_tokens`` answer tokens fit the native context, else the scaled one."""
+        scaling = self.context.apply(len(prompt_ids) + options.max_tokens)
         if self.sparse_prefill is not None:
             self.sparse_prefill.stats.clear()
         result = generate(self.model, self.tokenizer, prompt_ids, options, **callbacks)
+        result.stats.set_context(self.context.size, self.context.native, scaling)
         if self.sparse_prefill is not None:
             result.stats.sparsity = self.sparse_prefill.stats.overall()
             result.stats.sparsity_per_layer = self.sparse_prefill.stats.per_layer()

@@ -1,9 +1,13 @@
 """Measuring sparse prefill against dense attention on the user's texts: perplexity, attention
-recall of block selections at equal sparsity, and passkey retrieval. The library behind
-``seer eval`` (no typer, no rich):
+recall of block selections at equal sparsity, and passkey retrieval; for windows longer than the
+model's native context, the context extension itself against the native context. The library
+behind ``seer eval`` (no typer, no rich):
 
 evaluation = Evaluation(model, tokenizer, gates, windows)
 rows = evaluation.perplexity(sparsities=[0.5, 0.9], thresholds=[0.003])
+
+Every measurement runs its windows with the RoPE that ``ModelContext`` picks for their length
+(scaled past the native context, as ``seer generate`` would run them).
 
 Shapes: b batch, s tokens, nb = ceil(s / 64) blocks, Hq query heads, Hkv key/value heads,
 d head dim.
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from seer_gates import MaskPolicy, block_count
 
 from ..engine.attention import SparsePrefill
+from ..engine.context import ContextSettings, ModelContext
 from ..engine.generation import SamplingOptions, generate
 from .passkey import ANSWER_TOKENS, PasskeyPrompt, passkey_answer, passkey_prompts
 from .selection import POST_ROPE_SCORES, RecallProbe, ScoredPrefill, attached, topk_sparsity
@@ -64,9 +69,11 @@ def kernels_for(dtype: torch.dtype, device: torch.device):
 
 
 @torch.inference_mode()
-def token_nll(model, ids: torch.Tensor, chunk: int = LM_HEAD_CHUNK) -> torch.Tensor:
+def token_nll(
+    model, ids: torch.Tensor, chunk: int = LM_HEAD_CHUNK, tail: int | None = None
+) -> torch.Tensor:
     """Summed next-token cross-entropy (float32 scalar) of ids `[1, s]`: positions 0..s-2
-    predicting 1..s-1.
+    predicting 1..s-1, or with ``tail`` only the last ``tail`` of those predictions.
 
     The hidden states go through the LM head ``chunk`` positions at a time, so that no
     `[s, vocab]` float32 logits tensor is ever whole.
@@ -74,6 +81,8 @@ def token_nll(model, ids: torch.Tensor, chunk: int = LM_HEAD_CHUNK) -> torch.Ten
     ids = ids.to(model.device)
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # [s-1, h]
     targets = ids[0, 1:]
+    if tail is not None:
+        hidden, targets = hidden[-tail:], targets[-tail:]
     total = torch.zeros((), dtype=torch.float32, device=ids.device)
     for start in range(0, targets.shape[0], chunk):
         logits = model.lm_head(hidden[start : start + chunk]).float()  # [chunk, vocab]
@@ -81,10 +90,13 @@ def token_nll(model, ids: torch.Tensor, chunk: int = LM_HEAD_CHUNK) -> torch.Ten
     return total
 
 
-def perplexity(model, windows: list[torch.Tensor], chunk: int = LM_HEAD_CHUNK) -> float:
-    """exp of the mean next-token cross-entropy over all tokens of all windows (each `[s]`)."""
-    total = sum(float(token_nll(model, window[None], chunk)) for window in windows)
-    return math.exp(total / sum(len(window) - 1 for window in windows))
+def perplexity(
+    model, windows: list[torch.Tensor], chunk: int = LM_HEAD_CHUNK, tail: int | None = None
+) -> float:
+    """exp of the mean next-token cross-entropy over all tokens of all windows (each `[s]`), or
+    over the last ``tail`` predicted tokens of each."""
+    total = sum(float(token_nll(model, window[None], chunk, tail)) for window in windows)
+    return math.exp(total / sum(min(len(window) - 1, tail or len(window)) for window in windows))
 
 
 @dataclass
@@ -155,6 +167,17 @@ class PasskeyRow:
 
 
 @dataclass
+class ContextRow:
+    """Dense tail perplexity with ``tokens`` of context read with the RoPE ``rope``."""
+
+    label: str
+    tokens: int
+    rope: str
+    perplexity: float
+    delta_percent: float | None = None  # relative to the native context
+
+
+@dataclass
 class EvalReport:
     """Everything ``seer eval`` measured, with what it was measured on."""
 
@@ -165,6 +188,9 @@ class EvalReport:
     seq_len: int
     windows: int
     data_files: list[str]
+    rope: str = "native"  # the RoPE of whole windows: native, or the context extension's
+    tail_tokens: int | None = None  # perplexity over each window's last tokens (None: all)
+    context: list[ContextRow] = field(default_factory=list)
     perplexity: list[PerplexityRow] = field(default_factory=list)
     recall: list[RecallRow] = field(default_factory=list)
     passkey: list[PasskeyRow] = field(default_factory=list)
@@ -183,24 +209,66 @@ class Evaluation:
 
     Each measurement attaches the sparse prefill it needs and takes it off again, so the model
     is loaded once for all of them. ``progress(done, total)`` is called as work completes.
+    ``context`` sets the RoPE by length (default: the model's native context only); perplexity
+    counts the last ``tail`` predicted tokens of each window (default all).
     """
 
-    def __init__(self, model, tokenizer, gates: torch.nn.ModuleList, windows: list[torch.Tensor]):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        gates: torch.nn.ModuleList,
+        windows: list[torch.Tensor],
+        context: ModelContext | None = None,
+        tail: int | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.gates = gates
         self.windows = windows
+        self.context = context or ModelContext(model, "the model", ContextSettings())
+        self.tail = tail
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.windows[0])
 
     @property
     def passkey_tokens(self) -> int:
         """Passkey prompt length: a window, less room for the answer if the context needs it."""
-        context = self.model.config.max_position_embeddings
-        return min(len(self.windows[0]), context - ANSWER_TOKENS)
+        return min(self.seq_len, self.context.size - ANSWER_TOKENS)
+
+    def rope(self) -> str:
+        """The RoPE whole windows run with: ``native`` or the extension's scaling."""
+        return str(self.context.scaling_for(self.seq_len) or "native")
+
+    def context_baseline(self, progress: Progress = _no_progress) -> list["ContextRow"]:
+        """Dense tail perplexity of the windows with only their last native-context tokens
+        (native RoPE, then scaled), and whole (scaled); Δ% relative to the first. The windows
+        must be longer than the native context."""
+        native, scaled = self.context.native, self.context.scaling_for(self.seq_len)
+        tail = self.tail or native - 1
+        tails = [window[-native:] for window in self.windows]
+        runs = [
+            (f"the last {native} tokens", tails, None),
+            (f"the last {native} tokens", tails, scaled),
+            (f"the whole {self.seq_len}", self.windows, scaled),
+        ]
+        rows = []
+        for done, (label, windows, scaling) in enumerate(runs, start=1):
+            self.context.use(scaling)
+            value = perplexity(self.model, windows, tail=tail)
+            rows.append(ContextRow(label, len(windows[0]), str(scaling or "native"), value))
+            progress(done, len(runs))
+        for row in rows[1:]:
+            row.delta_percent = 100 * (row.perplexity / rows[0].perplexity - 1)
+        return rows
 
     def perplexity(
         self, sparsities: list[float], thresholds: list[float], progress: Progress = _no_progress
     ) -> list[PerplexityRow]:
         """Dense first, then every policy of ``perplexity_policies``; Δ% relative to dense."""
+        self.context.apply(self.seq_len)
         policies = [None, *perplexity_policies(sparsities, thresholds)]
         rows = []
         for done, policy in enumerate(policies, start=1):
@@ -213,15 +281,17 @@ class Evaluation:
 
     def _perplexity_row(self, policy: SparsePolicy | None) -> PerplexityRow:
         if policy is None:
-            return PerplexityRow("dense", None, None, 0.0, perplexity(self.model, self.windows))
+            value = perplexity(self.model, self.windows, tail=self.tail)
+            return PerplexityRow("dense", None, None, 0.0, value)
         with attached(policy.attach(self.model, self.gates)) as prefill:
-            value = perplexity(self.model, self.windows)
+            value = perplexity(self.model, self.windows, tail=self.tail)
         mask = policy.mask
         achieved = prefill.stats.overall()
         return PerplexityRow(policy.estimator, mask.sparsity, mask.threshold, achieved, value)
 
     def recall(self, sparsities: list[float], progress: Progress = _no_progress) -> list[RecallRow]:
         """Recall of every estimator at each sparsity, averaged over layers and windows."""
+        self.context.apply(self.seq_len)
         with attached(RecallProbe(self.model, self.gates, sparsities)) as probe:
             for done, window in enumerate(self.windows, start=1):
                 probe.window(window)
@@ -246,6 +316,7 @@ class Evaluation:
         filler text is the first window's."""
         filler = self.windows[0].tolist()
         prompts = passkey_prompts(self.tokenizer, filler, depths, trials, self.passkey_tokens, seed)
+        self.context.apply(self.passkey_tokens + ANSWER_TOKENS)
         policies = [None, *sparsities]
         total, rows = len(prompts) * len(policies), []
         for index, sparsity in enumerate(policies):

@@ -1,0 +1,191 @@
+"""Context extension: prompts longer than the model's native context, read through RoPE scaling.
+
+The settings follow llama.cpp (``--ctx-size``, ``--rope-scaling none|linear|yarn``,
+``--rope-scale``, ``--yarn-orig-ctx``); the scaling itself is transformers' own rope types
+(``rope_parameters`` with ``rope_type`` linear or yarn), built into a second rotary module of the
+model's own class. A sequence that fits the native context runs with the model's RoPE, unscaled;
+a longer one, up to the context size, with the scaled module, which stays in place for the
+decode steps after its prefill. The gates' block RoPE reads the rotary module in place
+(``attention.block_rope``), so it follows the switch.
+
+    context = ModelContext(model, "SmolLM2-135M-Instruct", ContextSettings())
+    scaling = context.apply(len(prompt_ids) + max_new_tokens)  # None: native RoPE
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+from .errors import SeerError
+
+ROPE_SCALINGS = ("none", "linear", "yarn")
+# Models whose default context is longer than their native one: the bundled SmolLM2 reads 8192
+# tokens natively and 32768 under YaRN ×4 (EVAL.md, long context).
+EXTENDED_CONTEXT = {"SmolLM2-135M-Instruct": 32768}
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """What the user asked for (llama.cpp's flags); None takes the default."""
+
+    ctx_size: int | None = None
+    rope_scaling: str | None = None
+    rope_scale: float | None = None
+    yarn_orig_ctx: int | None = None
+
+    def check(self) -> None:
+        """Refuse nonsense values before a model is loaded, one sentence each."""
+        if self.ctx_size is not None and self.ctx_size < 1:
+            raise SeerError(f"--ctx-size must be at least 1 token, got {self.ctx_size}.")
+        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
+            raise SeerError(
+                f"--rope-scaling must be one of {', '.join(ROPE_SCALINGS)}, "
+                f"got {self.rope_scaling!r}."
+            )
+        scale = self.rope_scale
+        if scale is not None and not (math.isfinite(scale) and scale >= 1):
+            raise SeerError(f"--rope-scale must be a factor of at least 1, got {scale}.")
+        if self.yarn_orig_ctx is not None and self.yarn_orig_ctx < 1:
+            raise SeerError(f"--yarn-orig-ctx must be at least 1 token, got {self.yarn_orig_ctx}.")
+        if self.rope_scaling == "none" and (scale is not None or self.yarn_orig_ctx is not None):
+            raise SeerError("--rope-scale and --yarn-orig-ctx need --rope-scaling linear or yarn.")
+        if self.rope_scaling == "linear" and self.yarn_orig_ctx is not None:
+            raise SeerError("--yarn-orig-ctx applies to --rope-scaling yarn only.")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """One scaling in transformers' terms: ``kind`` linear or yarn, position ``factor``, and the
+    ``original`` context it stretches (YaRN's original_max_position_embeddings)."""
+
+    kind: str
+    factor: float
+    original: int | None
+
+    def rope_parameters(self, base: dict) -> dict:
+        """transformers' ``rope_parameters`` for this scaling, on top of the model's ``base``
+        (its rope_theta and any other keys)."""
+        params = {**base, "rope_type": self.kind, "factor": float(self.factor)}
+        if self.kind == "yarn":
+            params["original_max_position_embeddings"] = self.original
+        return params
+
+    def __str__(self) -> str:
+        if self.kind == "yarn":
+            return f"YaRN ×{self.factor:g} from {self.original}"
+        return f"linear ×{self.factor:g}"
+
+
+def scaling_fields(scaling: RopeScaling | None) -> dict:
+    """The RoPE a sequence ran with, in fields named after llama.cpp's flags (JSON output, gate
+    metadata): ``rope_scaling`` none, linear or yarn; ``rope_scale``; ``yarn_orig_ctx``."""
+    if scaling is None:
+        return {"rope_scaling": "none", "rope_scale": None, "yarn_orig_ctx": None}
+    return {
+        "rope_scaling": scaling.kind,
+        "rope_scale": scaling.factor,
+        "yarn_orig_ctx": scaling.original if scaling.kind == "yarn" else None,
+    }
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    """``native``: the model's own context; ``size``: the longest sequence allowed; ``scaling``:
+    the RoPE scaling of sequences longer than ``native`` (None when ``size`` ≤ ``native``)."""
+
+    native: int
+    size: int
+    scaling: RopeScaling | None
+
+
+def plan_context(config, model_name: str, settings: ContextSettings) -> ContextPlan:
+    """The context of a loaded model's ``config`` under ``settings``, or SeerError saying why
+    the settings cannot work for this model."""
+    settings.check()
+    native = config.max_position_embeddings
+    if settings.ctx_size is not None:
+        size = settings.ctx_size
+    elif settings.rope_scaling == "none":
+        size = native
+    else:
+        size = EXTENDED_CONTEXT.get(model_name, native)
+    if size <= native:
+        return ContextPlan(native, size, None)
+    kind = settings.rope_scaling or "yarn"
+    if kind == "none":
+        raise SeerError(
+            f"--ctx-size {size} is longer than the native context of {model_name} ({native} "
+            "tokens), and --rope-scaling none does not extend it."
+        )
+    own = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if own != "default":
+        raise SeerError(
+            f"{model_name} already scales its RoPE ({own}); seer extends only models with plain "
+            f"RoPE, so --ctx-size can be at most {native}."
+        )
+    original = settings.yarn_orig_ctx or native
+    if original > native:
+        raise SeerError(
+            f"--yarn-orig-ctx {original} is longer than the native context of {model_name} "
+            f"({native} tokens)."
+        )
+    factor = settings.rope_scale or size / original
+    if factor * original < size:
+        raise SeerError(
+            f"--rope-scale {factor:g} stretches {original} tokens to {factor * original:g}, "
+            f"short of --ctx-size {size}."
+        )
+    return ContextPlan(native, size, RopeScaling(kind, factor, original))
+
+
+class ModelContext:
+    """The rotary module of a loaded model, switched by sequence length (see the module doc)."""
+
+    def __init__(self, model, model_name: str, settings: ContextSettings):
+        self.model = model
+        self.name = model_name
+        self.plan = plan_context(model.config, model_name, settings)
+        self._native = model.model.rotary_emb
+        self._scaled = None
+
+    @property
+    def size(self) -> int:
+        return self.plan.size
+
+    @property
+    def native(self) -> int:
+        return self.plan.native
+
+    def scaling_for(self, length: int) -> RopeScaling | None:
+        """The scaling a sequence of ``length`` tokens runs under; SeerError if it is too long."""
+        if length > self.size:
+            raise SeerError(
+                f"{length} tokens do not fit the context of {self.size} (--ctx-size)."
+            )
+        return self.plan.scaling if length > self.native else None
+
+    def apply(self, length: int) -> RopeScaling | None:
+        """Install the RoPE for a sequence of ``length`` tokens (prompt and generated tokens
+        together) and return its scaling, None for the model's own."""
+        scaling = self.scaling_for(length)
+        self.use(scaling)
+        return scaling
+
+    def use(self, scaling: RopeScaling | None) -> None:
+        """Install the model's own RoPE (None) or the extension's ``plan.scaling``, whatever
+        the length (to compare the two on the same tokens)."""
+        if scaling not in (None, self.plan.scaling):
+            raise ValueError(f"{scaling} is not this context's scaling ({self.plan.scaling}).")
+        self.model.model.rotary_emb = self._native if scaling is None else self._scaled_rotary()
+
+    def _scaled_rotary(self):
+        if self._scaled is None:
+            native, scaling = self._native, self.plan.scaling
+            config = copy.deepcopy(native.config)
+            config.rope_parameters = scaling.rope_parameters(config.rope_parameters)
+            # transformers checks YaRN's factor against this ratio: state it exactly.
+            config.max_position_embeddings = round(scaling.factor * scaling.original)
+            # Built in float32 like the model's own, on its device; never cast to the model's
+            # dtype (positions up to the context size need float32 frequencies).
+            self._scaled = type(native)(config=config).to(native.inv_freq.device)
+        return self._scaled

@@ -1,0 +1,355 @@
+"""Context extension: llama.cpp's flags, transformers' own rope types switched per prompt, the
+gates' block RoPE following the switch, and what generate, eval and distill say about it.
+
+Tiny random models read CONTEXT (1024) tokens natively; the tests extend them to 4096.
+"""
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from seer_gates import MaskPolicy, block_count, load_gates, save_gates
+from tiny_models import (
+    CONTEXT,
+    FAMILIES,
+    char_tokenizer,
+    gate_config,
+    random_ids,
+    save_tiny_model,
+    tiny_gates,
+    tiny_model,
+)
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from seer_cli.app import app
+from seer_cli.engine import attention
+from seer_cli.engine.attention import SparsePrefill
+from seer_cli.engine.context import (
+    ContextSettings,
+    ModelContext,
+    RopeScaling,
+    plan_context,
+    scaling_fields,
+)
+from seer_cli.engine.errors import SeerError
+from seer_cli.engine.generation import SamplingOptions, generate
+from seer_cli.engine.models import DEFAULT_MODEL
+from seer_cli.engine.runtime import Engine
+from seer_cli.measure.evaluation import Evaluation
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+EXTENDED = 4096
+
+
+def reference_model(model, rope_parameters: dict):
+    """A copy of ``model`` built by transformers from a config with ``rope_parameters``."""
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = {**config.rope_parameters, **rope_parameters}
+    config.max_position_embeddings = EXTENDED
+    reference = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    reference.load_state_dict(model.state_dict())
+    reference.generation_config.eos_token_id = None
+    return reference.float().eval()
+
+
+FACTOR = EXTENDED / CONTEXT
+YARN = {"rope_type": "yarn", "factor": FACTOR, "original_max_position_embeddings": CONTEXT}
+LINEAR = {"rope_type": "linear", "factor": FACTOR}
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_default_model_reads_32k_with_yarn_others_their_native_context():
+    config = tiny_model("llama").config
+    plan = plan_context(config, DEFAULT_MODEL, ContextSettings())
+    assert (plan.native, plan.size) == (CONTEXT, 32768)
+    assert plan.scaling == RopeScaling("yarn", 32768 / CONTEXT, CONTEXT)
+    other = plan_context(config, "tiny", ContextSettings())
+    assert (other.size, other.scaling) == (CONTEXT, None)
+    native_only = plan_context(config, DEFAULT_MODEL, ContextSettings(rope_scaling="none"))
+    assert (native_only.size, native_only.scaling) == (CONTEXT, None)
+
+
+@pytest.mark.parametrize(
+    "settings, scaling",
+    [
+        (ContextSettings(ctx_size=EXTENDED), RopeScaling("yarn", 4.0, CONTEXT)),
+        (
+            ContextSettings(ctx_size=3000, rope_scaling="linear"),
+            RopeScaling("linear", 3000 / CONTEXT, CONTEXT),
+        ),
+        (ContextSettings(ctx_size=EXTENDED, rope_scale=8), RopeScaling("yarn", 8, CONTEXT)),
+        (ContextSettings(ctx_size=EXTENDED, yarn_orig_ctx=512), RopeScaling("yarn", 8.0, 512)),
+        (ContextSettings(ctx_size=CONTEXT, rope_scaling="yarn"), None),
+    ],
+    ids=["yarn-default-scale", "linear", "larger-scale", "smaller-original", "fits-natively"],
+)
+def test_scale_defaults_to_the_size_over_the_original_context(settings, scaling):
+    assert plan_context(tiny_model("llama").config, "tiny", settings).scaling == scaling
+
+
+NONSENSE = [
+    (ContextSettings(ctx_size=0), ["--ctx-size", "at least 1"]),
+    (ContextSettings(ctx_size=-5), ["--ctx-size", "-5"]),
+    (ContextSettings(rope_scaling="ntk"), ["--rope-scaling", "none, linear, yarn"]),
+    (ContextSettings(rope_scale=0), ["--rope-scale", "at least 1"]),
+    (ContextSettings(rope_scale=float("nan")), ["--rope-scale"]),
+    (ContextSettings(yarn_orig_ctx=0), ["--yarn-orig-ctx", "at least 1"]),
+    (ContextSettings(rope_scaling="none", rope_scale=2), ["need --rope-scaling linear or yarn"]),
+    (ContextSettings(rope_scaling="linear", yarn_orig_ctx=512), ["yarn only"]),
+    (ContextSettings(ctx_size=EXTENDED, rope_scale=2), ["stretches 1024 tokens to 2048", "4096"]),
+    (ContextSettings(ctx_size=EXTENDED, rope_scaling="none"), ["none does not extend"]),
+    (ContextSettings(ctx_size=EXTENDED, yarn_orig_ctx=2048), ["longer than the native"]),
+]
+
+
+@pytest.mark.parametrize("settings, phrases", NONSENSE, ids=[str(s) for s, _ in NONSENSE])
+def test_nonsense_settings_are_one_sentence(settings, phrases):
+    with pytest.raises(SeerError) as error:
+        plan_context(tiny_model("llama").config, "tiny", settings)
+    message = str(error.value)
+    assert message.endswith(".") and message.count(". ") == 0
+    for phrase in phrases:
+        assert phrase in message
+
+
+def test_a_model_that_scales_its_rope_already_is_not_extended():
+    model = reference_model(tiny_model("llama"), LINEAR)
+    model.config.max_position_embeddings = CONTEXT
+    with pytest.raises(SeerError, match="already scales its RoPE"):
+        plan_context(model.config, "tiny", ContextSettings(ctx_size=EXTENDED))
+
+
+# ---------------------------------------------------------------- the RoPE switch
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind, parameters", [("yarn", YARN), ("linear", LINEAR)])
+def test_long_prompts_run_transformers_own_scaled_rope(family, kind, parameters):
+    model = tiny_model(family)
+    context = ModelContext(model, "tiny", ContextSettings(EXTENDED, rope_scaling=kind))
+    long_ids, short_ids = random_ids(1500), random_ids(300)
+    unscaled = logits_of(model, short_ids)
+
+    assert context.apply(1500) == RopeScaling(kind, 4.0, CONTEXT)
+    expected = logits_of(reference_model(model, parameters), long_ids)
+    torch.testing.assert_close(logits_of(model, long_ids), expected)
+    # Back to a short prompt: the model's own RoPE again.
+    assert context.apply(300) is None
+    torch.testing.assert_close(logits_of(model, short_ids), unscaled, rtol=0, atol=0)
+
+
+def test_the_whole_sequence_decides_and_too_long_is_refused():
+    context = ModelContext(tiny_model("llama"), "tiny", ContextSettings(EXTENDED))
+    assert context.scaling_for(CONTEXT) is None
+    assert context.scaling_for(CONTEXT + 1) is not None
+    too_long = f"{EXTENDED + 1} tokens do not fit the context of {EXTENDED}"
+    with pytest.raises(SeerError, match=too_long):
+        context.apply(EXTENDED + 1)
+
+
+def test_decoding_continues_with_the_prefill_scaling():
+    model = tiny_model("llama")
+    engine = Engine(model, char_tokenizer(), "tiny",
+                    context=ModelContext(model, "tiny", ContextSettings(EXTENDED)))  # fmt: skip
+    prompt = random_ids(CONTEXT - 20)[0].tolist()
+    options = SamplingOptions(max_tokens=40)  # prompt + answer pass the native context
+    result = engine.generate(prompt, options)
+    expected = generate(reference_model(model, YARN), char_tokenizer(), prompt, options).text
+    assert result.text == expected
+    stats = result.stats.to_dict()
+    assert (stats["n_ctx"], stats["n_ctx_train"]) == (EXTENDED, CONTEXT)
+    assert scaling_fields(RopeScaling("yarn", 4.0, CONTEXT)).items() <= stats.items()
+    short = engine.generate(prompt[:200], options).stats
+    assert (short.rope_scaling, short.rope_scale, short.yarn_orig_ctx) == ("none", None, None)
+
+
+def test_gate_block_rope_follows_the_scaling():
+    model = tiny_model("llama")
+    context = ModelContext(model, "tiny", ContextSettings(EXTENDED))
+    nb = block_count(2000)
+    native = attention.block_rope(model, 128, nb, 1, "cpu")
+    context.apply(2000)
+    scaled = attention.block_rope(model, 128, nb, 1, "cpu")
+    expected = attention.block_rope(reference_model(model, YARN), 128, nb, 1, "cpu")
+    torch.testing.assert_close(scaled, expected)
+    assert not torch.allclose(scaled[0], native[0])
+
+
+@pytest.mark.parametrize("length", [CONTEXT - 100, 2000], ids=["native-length", "long"])
+def test_sparse_prefill_under_scaling_matches_the_scaled_model(length):
+    model, ids = tiny_model("llama"), random_ids(length)
+    gates = tiny_gates(model)
+    reference = reference_model(model, YARN)
+    policy = MaskPolicy(sparsity=0.7)
+    prefills = [SparsePrefill(m, policy, gates) for m in (model, reference)]
+    context = ModelContext(model, "tiny", ContextSettings(EXTENDED))
+    try:
+        # Native first: the gates' RoPE tables of this length are cached, and must not be
+        # reused once the same length runs scaled (as eval's context task runs it).
+        unscaled = logits_of(model, ids)
+        context.use(context.plan.scaling)
+        scaled = logits_of(model, ids)
+        torch.testing.assert_close(scaled, logits_of(reference, ids))
+        assert not torch.allclose(scaled, unscaled)
+    finally:
+        for prefill in prefills:
+            prefill.detach()
+
+
+# ---------------------------------------------------------------- the commands
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("context")
+    save_tiny_model("llama", folder / "tiny-llama")
+    model = tiny_model("llama")
+    save_gates(folder / "gates.safetensors", tiny_gates(model), gate_config(model, "tiny-llama"))
+    (folder / "long.txt").write_text("The cat sat on the mat. " * 100, encoding="utf-8")  # 2400
+    (folder / "short.txt").write_text("The cat sat on the mat. " * 10, encoding="utf-8")
+    return folder
+
+
+def run(*args: str, env: dict | None = None):
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def one_error_line(result) -> str:
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.exit_code == 1, result.stderr
+    assert result.stdout == ""
+    lines = [line for line in ANSI.sub("", result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def generate_args(folder, document: str, *extra: str) -> list[str]:
+    return ["generate", "--model", str(folder / "tiny-llama"), "-f", str(folder / document),
+            "-p", "Sum.", "-n", "4", "--device", "cpu", *extra]  # fmt: skip
+
+
+def test_generate_says_which_rope_it_used(tiny_folder):
+    result = run(*generate_args(tiny_folder, "long.txt", "--ctx-size", "4096", "--json"))
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["prompt_n"] > CONTEXT
+    assert (stats["n_ctx"], stats["n_ctx_train"], stats["rope_scaling"]) == (4096, CONTEXT, "yarn")
+    assert (stats["rope_scale"], stats["yarn_orig_ctx"]) == (4.0, CONTEXT)
+
+    result = run(*generate_args(tiny_folder, "short.txt", "--ctx-size", "4096"))
+    assert result.exit_code == 0, result.stderr
+    assert f"Context: 4096 tokens, RoPE unscaled (prompt and answer fit the native {CONTEXT})" in (
+        ANSI.sub("", result.stderr)
+    )
+    result = run(*generate_args(tiny_folder, "long.txt", "--rope-scaling", "linear"),
+                 env={"SEER_CTX_SIZE": "3072"})  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert f"Context: 3072 tokens, RoPE linear ×3 (past the native {CONTEXT})" in (
+        ANSI.sub("", result.stderr)
+    )
+
+
+def test_context_keys_in_the_config_file(tiny_folder, tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text('ctx-size = 4096\n[generate]\nrope_scaling = "linear"\n', encoding="utf-8")
+    monkeypatch.setenv("SEER_CONFIG", str(config))
+    result = run(*generate_args(tiny_folder, "long.txt", "--json"))
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert (stats["n_ctx"], stats["rope_scaling"], stats["rope_scale"]) == (4096, "linear", 4.0)
+
+
+CLI_NONSENSE = [
+    (["--ctx-size", "0"], "--ctx-size must be at least 1"),
+    (["--ctx-size", "-1"], "--ctx-size must be at least 1"),
+    (["--rope-scale", "-2"], "--rope-scale must be a factor of at least 1"),
+    (["--ctx-size", "4096", "--rope-scale", "2"], "short of --ctx-size 4096"),
+    (["--ctx-size", "4096", "--rope-scaling", "none"], "does not extend it"),
+    (["--rope-scaling", "dynamic"], "--rope-scaling must be one of none, linear, yarn"),
+    (["--ctx-size", "2048"], "pass --truncate"),
+]
+
+
+@pytest.mark.parametrize("args, phrase", CLI_NONSENSE, ids=[" ".join(a) for a, _ in CLI_NONSENSE])
+def test_nonsense_flags_are_one_error_line(tiny_folder, args, phrase):
+    assert phrase in one_error_line(run(*generate_args(tiny_folder, "long.txt", *args)))
+
+
+def test_truncate_fits_the_extended_context(tiny_folder):
+    args = generate_args(tiny_folder, "long.txt", "--ctx-size", "1500", "--truncate", "end",
+                         "--json")  # fmt: skip
+    result = run(*args)
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["prompt_n"] + 4 <= 1500 < stats["prompt_n"] + 4 + 8
+    assert stats["truncated_tokens"] > 0 and stats["rope_scaling"] == "yarn"
+
+
+def eval_args(folder, *extra: str) -> list[str]:
+    return ["eval", "--model", str(folder / "tiny-llama"), "--gates",
+            str(folder / "gates.safetensors"), "--data", str(folder / "long.txt"),
+            "--ctx-size", "4096", "--max-windows", "1", "--device", "cpu", *extra]  # fmt: skip
+
+
+def test_eval_measures_the_extension_against_the_native_context(tiny_folder):
+    result = run(*eval_args(tiny_folder, "--seq-len", "2048", "--tasks", "context,perplexity",
+                            "--sparsities", "0.5", "--thresholds", "", "--tail", "500",
+                            "--json"))  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["rope"], report["tail_tokens"]) == ("YaRN ×4 from 1024", 500)
+    rows = report["context"]
+    assert [(row["tokens"], row["rope"]) for row in rows] == [
+        (CONTEXT, "native"),
+        (CONTEXT, "YaRN ×4 from 1024"),
+        (2048, "YaRN ×4 from 1024"),
+    ]
+    assert rows[0]["delta_percent"] is None and rows[2]["delta_percent"] is not None
+    assert [row["policy"] for row in report["perplexity"]][0] == "dense"
+
+
+def test_evaluation_tail_perplexity_counts_the_last_tokens():
+    model = tiny_model("llama")
+    windows = [random_ids(600, seed=i)[0] for i in range(2)]
+    whole = Evaluation(model, char_tokenizer(), tiny_gates(model), windows)
+    tail = Evaluation(model, char_tokenizer(), tiny_gates(model), windows, tail=599)
+    assert tail.perplexity([0.5], [])[0].perplexity == pytest.approx(
+        whole.perplexity([0.5], [])[0].perplexity, rel=1e-6
+    )
+
+
+EVAL_NONSENSE = [
+    (["--seq-len", "512", "--tasks", "context"], "--seq-len 512 is not longer"),
+    (["--seq-len", "2048", "--tail", "1024"], "--tail 1024 must be shorter than the native"),
+    (["--seq-len", "2048", "--tail", "0"], "--tail must be in [1, --seq-len)"),
+    (["--seq-len", "8192"], "longer than the context of tiny-llama (4096 tokens, --ctx-size)"),
+]
+
+
+@pytest.mark.parametrize("args, phrase", EVAL_NONSENSE, ids=[" ".join(a) for a, _ in EVAL_NONSENSE])
+def test_eval_nonsense_is_one_error_line(tiny_folder, args, phrase):
+    assert phrase in one_error_line(run(*eval_args(tiny_folder, *args)))
+
+
+def test_distilled_gates_record_their_scaling(tiny_folder, tmp_path):
+    out = tmp_path / "gates.safetensors"
+    result = run("distill", "--model", str(tiny_folder / "tiny-llama"), "--data",
+                 str(tiny_folder / "long.txt"), "--data", str(tiny_folder / "long.txt"),
+                 "--seq-len", "1100", "--ctx-size", "2048", "--steps", "2", "--batch-size", "1",
+                 "--out", str(out), "--device", "cpu", "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    metadata = load_gates(out)[0].metadata
+    assert metadata["n_ctx_train"] == CONTEXT
+    assert (metadata["rope_scaling"], metadata["rope_scale"]) == ("yarn", 2.0)
+    assert metadata["yarn_orig_ctx"] == CONTEXT
+    assert metadata["harvest_minutes"] >= 0
