@@ -8,9 +8,10 @@ than the model's native context run under the default context extension. Each la
 scores are turned into block masks by each threshold meaning below, and the achieved sparsity
 (forced blocks included, as in ``select_blocks``) is printed as a markdown table per meaning:
 
-- raw: keep a block whose score (a softmax over the row's causal blocks) exceeds τ;
+- raw: keep a block whose score (a softmax over the row's causal blocks) exceeds τ (what
+  ``--threshold`` meant at first);
 - row-average: keep a block whose score × the row's causal block count exceeds τ (τ = 1 is
-  the row's average score);
+  the row's average score; what ``--threshold`` means now, chosen by this measurement);
 - row-max: keep a block whose score / the row's highest score exceeds τ;
 - mass: keep each row's highest-scoring blocks until they hold the share τ of its score.
 """
@@ -20,11 +21,10 @@ import datetime
 import subprocess
 
 import torch
-from seer_cli.engine.context import ContextSettings, ModelContext
-from seer_gates import block_count
-from seer_gates.policy import _causal, _forced
+from seer_gates import MaskPolicy, block_count, select_blocks
 
-import seer_cli.engine.attention as attention
+from seer_cli.engine.attention import block_rope, catch_pre_rope
+from seer_cli.engine.context import ContextSettings, ModelContext
 from seer_cli.engine.models import load_model, resolve_model
 from seer_cli.engine.prompt import read_document
 from seer_cli.engine.runtime import load_model_gates, resolve_gate_path
@@ -58,9 +58,10 @@ class KeptCounter:
 
     def __init__(self, model, gates, num_blocks: int):
         self.model, self.gates, self.nb = model, gates, num_blocks
-        self.cos, self.sin = attention.block_rope(model, gates[0].hidden_size, num_blocks, 1, "cpu")
-        forced = _forced(num_blocks, _default_policy())
-        self.forced, self.causal = forced, _causal(num_blocks, torch.device("cpu"))
+        self.cos, self.sin = block_rope(model, gates[0].hidden_size, num_blocks, 1, "cpu")
+        # Zero scores under threshold 0 keep the forced blocks only.
+        self.forced = select_blocks(torch.zeros(num_blocks, num_blocks), MaskPolicy(threshold=0))
+        self.causal = torch.ones(num_blocks, num_blocks, dtype=torch.bool).tril()
         self.kept = {(m, t): 0 for m, taus in MEANINGS.items() for t in taus}
         self.total = 0
         self._q = {}
@@ -77,24 +78,18 @@ class KeptCounter:
                 self.kept[meaning, tau] += int(mask.sum())
 
 
-def _default_policy():
-    from seer_gates import MaskPolicy
-
-    return MaskPolicy(threshold=0.0)
-
-
 @torch.inference_mode()
-def measure(model, gates, ids: torch.Tensor, context: ModelContext) -> KeptCounter:
+def measure(model, gates, ids: torch.Tensor, context: ModelContext):
+    """(KeptCounter after one dense pass over ids, the RoPE scaling it ran under)."""
     scaling = context.apply(len(ids))
     counter = KeptCounter(model, gates, block_count(len(ids)))
-    hooks = attention.catch_pre_rope(model, counter)
+    hooks = catch_pre_rope(model, counter)
     try:
         model.model(input_ids=ids[None], use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
-    counter.scaling = scaling
-    return counter
+    return counter, scaling
 
 
 def main() -> None:
@@ -121,14 +116,14 @@ def main() -> None:
                             text=True).stdout.strip()  # fmt: skip
     print(f"{source.name}, gates {args.gates}, {args.file} tokens {args.offset}+, cpu float32, "
           f"{datetime.date.today()}, commit {commit}")  # fmt: skip
-    for n, counter in counters.items():
-        print(f"- {n} tokens: {counter.scaling or 'native RoPE'}")
+    for n, (_, scaling) in counters.items():
+        print(f"- {n} tokens: {scaling or 'native RoPE'}")
     for meaning, taus in MEANINGS.items():
         print(f"\n{meaning}: achieved sparsity\n")
         print("| τ | " + " | ".join(f"{n} tokens" for n in lengths) + " |")
         print("|---:|" + "---:|" * len(lengths))
         for tau in taus:
-            cells = [1 - c.kept[meaning, tau] / c.total for c in counters.values()]
+            cells = [1 - c.kept[meaning, tau] / c.total for c, _ in counters.values()]
             print(f"| {tau:g} | " + " | ".join(f"{cell:.3f}" for cell in cells) + " |")
 
 

@@ -15,7 +15,10 @@ class MaskPolicy:
     """How to keep blocks: give exactly one of `sparsity` or `threshold`.
 
     sparsity: target fraction of causal blocks to skip, in [0, 1).
-    threshold: keep blocks whose score is above it, in [0, 1).
+    threshold: keep blocks whose score is above `threshold` times the row's average score, 0 or
+        more. Scores are a softmax over the row's causal blocks, so the average of row i is
+        1 / (i + 1): τ = 1 keeps the blocks above average, at any prompt length (an absolute
+        score threshold keeps ever fewer blocks as rows grow longer).
     keep_sink: always keep the first key block of every row.
     dense_last_row: always keep every causal block of the last query row.
     The diagonal block is always kept.
@@ -31,8 +34,8 @@ class MaskPolicy:
             raise ValueError("give either a sparsity or a threshold, not both or neither.")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}.")
-        if self.threshold is not None and not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}.")
+        if self.threshold is not None and not 0.0 <= self.threshold < math.inf:
+            raise ValueError(f"threshold must be finite and 0 or more, got {self.threshold}.")
 
 
 @functools.lru_cache(maxsize=16)
@@ -117,13 +120,21 @@ def _plan_for(nb: int, policy: MaskPolicy, device, with_diagonal: bool) -> _Topk
     )
 
 
+def _row_thresholds(threshold: float, nb: int, rows: int, device) -> torch.Tensor:
+    """`[rows, 1]` float32: the score threshold of each of the last `rows` block rows, τ times
+    the row's average score; row i (of nb) has i + 1 causal blocks."""
+    causal_blocks = torch.arange(nb - rows + 1, nb + 1, dtype=torch.float32, device=device)
+    return (threshold / causal_blocks).unsqueeze(-1)
+
+
 def select_blocks(scores: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
     """Block mask from block-causal scores.
 
     scores: `[b, H, nb, nb]` (any leading dims), entries above the diagonal ignored.
-    Returns bool `[b, H, nb, nb]`: the forced blocks, plus the blocks scoring above the
-    threshold or, under sparsity, each row's highest-scoring blocks up to its budget (forced
-    blocks count inside the budget). Nothing above the diagonal is kept.
+    Returns bool `[b, H, nb, nb]`: the forced blocks, plus the blocks scoring above τ times
+    their row's average (the scores then being each row's softmax) or, under sparsity, each
+    row's highest-scoring blocks up to its budget (forced blocks count inside the budget).
+    Nothing above the diagonal is kept.
     """
     if scores.dim() < 2 or scores.shape[-1] != scores.shape[-2]:
         raise ValueError(f"scores must end in two equal block axes, got {tuple(scores.shape)}.")
@@ -131,7 +142,7 @@ def select_blocks(scores: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
     causal = _causal(nb, device)
     forced = _forced_on(nb, policy.keep_sink, policy.dense_last_row, device)
     if policy.threshold is not None:
-        return (scores > policy.threshold) & causal | forced
+        return (scores > _row_thresholds(policy.threshold, nb, nb, device)) & causal | forced
 
     plan = _plan_for(nb, policy, device, with_diagonal=True)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=device)

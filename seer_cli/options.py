@@ -40,7 +40,8 @@ Threshold = Annotated[
     typer.Option(
         "--threshold",
         envvar="SEER_THRESHOLD",
-        help="Keep blocks whose gate score exceeds this, in [0, 1); adapts per head and row.",
+        help="Keep blocks whose gate score exceeds this multiple of their row's average (1 keeps "
+        "the blocks above average); adapts per head and row, means the same at any length.",
     ),
 ]
 Dense = Annotated[
@@ -141,8 +142,8 @@ def check_generation_flags(
         raise SeerError("--dense cannot be combined with --sparsity or --threshold.")
     if sparsity is not None and not (0 <= sparsity < 1):
         raise SeerError(f"--sparsity must be in [0, 1), got {sparsity}.")
-    if threshold is not None and not (0 <= threshold < 1):
-        raise SeerError(f"--threshold must be in [0, 1), got {threshold}.")
+    if threshold is not None and not (0 <= threshold < math.inf):
+        raise SeerError(f"--threshold must be a finite number, 0 or more, got {threshold}.")
     if max_tokens < 1:
         raise SeerError(f"--max-tokens must be at least 1, got {max_tokens}.")
     if not (temperature >= 0 and math.isfinite(temperature)):

@@ -233,7 +233,7 @@ BAD_INPUT = [
     ),
     pytest.param(lambda d: ["--sparsity", "1.5"], ["--sparsity", "[0, 1)"], id="sparsity-1.5"),
     pytest.param(lambda d: ["--sparsity", "-0.1"], ["--sparsity", "-0.1"], id="sparsity-neg"),
-    pytest.param(lambda d: ["--threshold", "1.0"], ["--threshold"], id="threshold-1"),
+    pytest.param(lambda d: ["--threshold", "inf"], ["--threshold"], id="threshold-inf"),
     pytest.param(lambda d: ["--threshold", "-0.5"], ["--threshold"], id="threshold-neg"),
     pytest.param(
         lambda d: ["--sparsity", "0.5", "--threshold", "0.1"],

@@ -354,7 +354,7 @@ BAD_INPUT = [
     (["--sparsities", "0.5,1"], ["--sparsities", "[0, 1)", "1.0"]),
     (["--sparsities", "half"], ["--sparsities", "comma-separated numbers"]),
     (["--sparsities", ""], ["--sparsities", "at least one"]),
-    (["--thresholds", "-0.1"], ["--thresholds", "[0, 1)"]),
+    (["--thresholds", "-0.1"], ["--thresholds", "0 or more"]),
     (["--depths", "1.5"], ["--depths", "[0, 1]"]),
     (["--tasks", "speed"], ["--tasks", "perplexity, recall, passkey"]),
     (["--seq-len", "64"], ["--seq-len", "at least 128"]),

@@ -282,13 +282,14 @@ def test_single_block_is_kept():
         assert mask.all()
 
 
-def test_threshold_keeps_scores_above_plus_forced():
+def test_threshold_keeps_scores_above_its_multiple_of_the_row_average_plus_forced():
     nb = 12
     scores = torch.rand(2, 3, nb, nb, generator=torch.Generator().manual_seed(15)) * 0.2
+    row_average = 1 / torch.arange(1, nb + 1).view(nb, 1)  # row i has i + 1 causal blocks
     for keep_sink in (True, False):
         for dense_last_row in (True, False):
-            policy = MaskPolicy(threshold=0.1, keep_sink=keep_sink, dense_last_row=dense_last_row)
-            expected = (scores > 0.1) & causal(nb) | torch.eye(nb, dtype=torch.bool)
+            policy = MaskPolicy(threshold=1.5, keep_sink=keep_sink, dense_last_row=dense_last_row)
+            expected = (scores > 1.5 * row_average) & causal(nb) | torch.eye(nb, dtype=torch.bool)
             if keep_sink:
                 expected[..., 0] = True
             if dense_last_row:
@@ -320,11 +321,12 @@ def test_kept_causal_blocks_counts_over_everything():
         {"sparsity": 0.5, "threshold": 0.01},
         {"sparsity": 1.0},
         {"sparsity": -0.1},
-        {"threshold": 1.0},
+        {"threshold": float("inf")},
         {"threshold": -1e-3},
         {"sparsity": float("nan")},
+        {"threshold": float("nan")},
     ],
-    ids=["neither", "both", "s1", "sneg", "t1", "tneg", "snan"],
+    ids=["neither", "both", "s1", "sneg", "tinf", "tneg", "snan", "tnan"],
 )
 def test_policy_validation(kwargs):
     with pytest.raises(ValueError):

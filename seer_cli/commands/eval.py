@@ -20,6 +20,7 @@ stderr.
 """
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -62,8 +63,13 @@ def evaluate(
         str, typer.Option("--sparsities", help="Comma-separated sparsities (perplexity, recall).")
     ] = "0.5,0.7,0.8,0.9,0.95",
     thresholds: Annotated[
-        str, typer.Option("--thresholds", help="Comma-separated gate thresholds (perplexity).")
-    ] = "0.001,0.003,0.01",
+        str,
+        typer.Option(
+            "--thresholds",
+            help="Comma-separated gate thresholds, multiples of a row's average score "
+            "(perplexity).",
+        ),
+    ] = "0.5,1,2",
     depths: Annotated[
         str, typer.Option("--depths", help="Comma-separated passkey depths, shares of the prompt.")
     ] = "0.1,0.5,0.9",
@@ -107,7 +113,7 @@ def evaluate(
     chosen = _tasks(tasks)
     context_settings = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
     sparsity_list = _fractions("--sparsities", sparsities)
-    threshold_list = _fractions("--thresholds", thresholds)
+    threshold_list = _thresholds(thresholds)
     depth_list = _fractions("--depths", depths, up_to_one=True)
     passkey_list = _fractions("--passkey-sparsities", passkey_sparsities)
     _check_flags(chosen, sparsity_list, depth_list, gates, seq_len, max_windows, trials)
@@ -207,6 +213,18 @@ def _fractions(flag: str, text: str, *, up_to_one: bool = False) -> list[float]:
         if not (0 <= value < 1 or (up_to_one and value == 1)):
             interval = "[0, 1]" if up_to_one else "[0, 1)"
             raise SeerError(f"{flag} values must be in {interval}, got {value}.")
+    return values
+
+
+def _thresholds(text: str) -> list[float]:
+    """Comma-separated finite numbers, 0 or more, once each; '' is none."""
+    try:
+        values = list(dict.fromkeys(float(part) for part in text.split(",") if part.strip()))
+    except ValueError:
+        raise SeerError(f"--thresholds takes comma-separated numbers, got {text!r}.") from None
+    for value in values:
+        if not 0 <= value < math.inf:
+            raise SeerError(f"--thresholds values must be finite and 0 or more, got {value}.")
     return values
 
 
