@@ -108,6 +108,7 @@ def distill(
                 harvested.append(harvester.window(ids[None]))
                 progress.advance(task)
         harvest_minutes = round((time.perf_counter() - harvest_started) / 60, 2)
+        identity = model_identity(loaded)  # the model itself is not needed for training
         del loaded
         held_out = max(1, round(len(harvested) * val_fraction))
         train, val = harvested[held_out:], harvested[:held_out]
@@ -139,7 +140,7 @@ def distill(
         "minutes": round((time.perf_counter() - started) / 60, 2),
         "harvest_minutes": harvest_minutes, "peak_memory_gb": _peak_memory_gb(torch_device),
         "n_ctx_train": context.native, **scaling_fields(scaling),
-        "model_identity": model_identity(loaded),
+        "model_identity": identity,
     }  # fmt: skip
     # float16 halves the file; gates load back as float32.
     save_gates(out, gates.cpu().half(), config)
