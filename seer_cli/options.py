@@ -58,6 +58,24 @@ SparseMinTokens = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option("--device", envvar="SEER_DEVICE", help="auto, cpu or cuda.")]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        envvar="SEER_DEVICE_MAP",
+        help="Spread the model over several GPUs (accelerate): auto, balanced or sequential, "
+        "a device (0, cpu), or a JSON object (or .json file) of module names and devices.",
+    ),
+]
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        envvar="SEER_MAX_MEMORY",
+        help="Memory each device may hold with --device-map, like 0=70GiB,1=70GiB,cpu=100GiB "
+        "(alone it implies --device-map auto).",
+    ),
+]
 Dtype = Annotated[
     str, typer.Option("--dtype", envvar="SEER_DTYPE", help="auto, float32, float16 or bfloat16.")
 ]

@@ -10,10 +10,13 @@ from .engine.generation import GenerationStats
 
 def quiet_libraries() -> None:
     """The libraries' own progress bars and warnings would mix with ours on stderr."""
+    import logging
+
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # notes on offloaded weights
 
 
 class PrefillProgress:
@@ -57,7 +60,10 @@ def print_stats(console: Console, stats: GenerationStats, requested_sparsity: fl
     if stats.sparsity is not None:
         asked = f" (requested {requested_sparsity:.2f})" if requested_sparsity is not None else ""
         console.print(f"Sparsity: {stats.sparsity:.3f} of causal blocks skipped{asked}")
-    console.print(f"Peak memory: {stats.peak_memory_gb:.2f} GB")
+    per_device = stats.peak_memory_gb_per_device
+    split = ", ".join(f"{device} {gb:.2f} GB" for device, gb in per_device.items())
+    detail = f" ({split})" if len(per_device) > 1 else ""
+    console.print(f"Peak memory: {stats.peak_memory_gb:.2f} GB{detail}")
 
 
 def _rope(stats: GenerationStats) -> str:

@@ -98,6 +98,8 @@ def batch(
     threshold: opt.Threshold = None,
     dense: opt.Dense = False,
     device: opt.Device = "auto",
+    device_map: opt.DeviceMap = None,
+    max_memory: opt.MaxMemory = None,
     dtype: opt.Dtype = "auto",
     max_tokens: opt.MaxTokens = 256,
     temp: opt.Temperature = 0.0,
@@ -133,8 +135,9 @@ def batch(
             quiet_libraries()
             engine = Engine.load(
                 EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
-                              dense=dense, device=device, dtype=dtype,
-                              sparse_min_tokens=sparse_min_tokens, context=context)
+                              dense=dense, device=device, dtype=dtype, device_map=device_map,
+                              sparse_min_tokens=sparse_min_tokens, max_memory=max_memory,
+                              context=context)
             )  # fmt: skip
             sampling = SamplingOptions(
                 max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed

@@ -29,6 +29,8 @@ def generate(
     threshold: opt.Threshold = None,
     dense: opt.Dense = False,
     device: opt.Device = "auto",
+    device_map: opt.DeviceMap = None,
+    max_memory: opt.MaxMemory = None,
     dtype: opt.Dtype = "auto",
     max_tokens: opt.MaxTokens = 256,
     temp: opt.Temperature = 0.0,
@@ -67,8 +69,9 @@ def generate(
     quiet_libraries()
     engine = Engine.load(
         EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
-                      dense=dense, device=device, dtype=dtype,
-                      sparse_min_tokens=sparse_min_tokens, context=context)
+                      dense=dense, device=device, dtype=dtype, device_map=device_map,
+                      sparse_min_tokens=sparse_min_tokens, max_memory=max_memory,
+                      context=context)
     )  # fmt: skip
     tokens = engine.prompt(
         document=document.text if document else None, instruction=prompt, system=system,

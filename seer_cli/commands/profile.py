@@ -29,8 +29,8 @@ Config = Annotated[
     typer.Option(
         "--config",
         envvar="SEER_PROFILE_CONFIG",
-        help="Model shapes, random weights: llama-3.1-8b, qwen2.5-7b or a config.json path "
-        f"(default {DEFAULT_CONFIG}).",
+        help="Model shapes, random weights: llama-3.1-8b, llama-3.1-70b, qwen2.5-7b or a "
+        f"config.json path (default {DEFAULT_CONFIG}).",
     ),
 ]
 Lengths = Annotated[
@@ -107,26 +107,34 @@ def prefill(
     repeats: Repeats = 5,
     output: Output = "md",
     device: opt.Device = "auto",
+    device_map: opt.DeviceMap = None,
+    max_memory: opt.MaxMemory = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """Time to first token of a whole model, dense against sparse prefill.
 
     --config: random weights and gates. Without --config or --model, the CPU runs the default model.
+    --device-map spreads the model over several GPUs; the table then adds each GPU's peak memory.
     """
     _check_source(config, model)
+    from ..engine.placement import Placement
+    from ..engine.runtime import pick_device
     from ..measure import profiling
     from ..progress import quiet_libraries
 
     quiet_libraries()
+    placement = Placement.parse(device_map, max_memory)
     torch_device, length_list, sparsity_list = _settings(
         device, lengths, sparsities, repeats, output
     )
+    if placement is not None:
+        torch_device = pick_device(device, placement)
     if model is not None or (config is None and torch_device.type == "cpu"):
-        subject = profiling.loaded_subject(model, gates, torch_device)
+        subject = profiling.loaded_subject(model, gates, torch_device, device_map, max_memory)
     else:
         name, model_config = profiling.load_config(config or DEFAULT_CONFIG)
         profiling.check_context(length_list, name, model_config)
-        subject = profiling.random_subject(name, model_config, gates, torch_device)
+        subject = profiling.random_subject(name, model_config, gates, torch_device, placement)
     with _progress(quiet) as on_test:
         report = profiling.profile_prefill(subject, length_list, sparsity_list, repeats, on_test)
     _finish(report, output, quiet)

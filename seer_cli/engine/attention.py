@@ -28,6 +28,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .placement import layer_devices
+
 ATTENTION_NAME = "seer"
 
 
@@ -107,6 +109,9 @@ class SparsePrefill:
         for layer in self.model.model.layers:
             layer.self_attn.seer_prefill = self
         if self.gates is not None:
+            # On a model spread over devices, each gate lives where its layer computes.
+            for gate, device in zip(self.gates, layer_devices(self.model), strict=True):
+                gate.to(device)
             self._hooks = catch_pre_rope(self.model, self._store)
         self.model.set_attn_implementation(ATTENTION_NAME)
 
@@ -160,11 +165,13 @@ class SparsePrefill:
         )
 
     def _block_rope(self, num_blocks: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables of the current prompt shape, one copy per device the layers run on."""
         # The rotary module in place tells native from scaled RoPE (ModelContext switches it).
         key = (num_blocks, batch, self.model.model.rotary_emb, device)
         if key not in self._rope_cache:
             tables = block_rope(self.model, self.gates[0].hidden_size, num_blocks, batch, device)
-            self._rope_cache = {key: tables}
+            kept = {k: v for k, v in self._rope_cache.items() if k[:3] == key[:3]}
+            self._rope_cache = {**kept, key: tables}
         return self._rope_cache[key]
 
 

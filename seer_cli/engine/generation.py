@@ -20,6 +20,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from .placement import input_device, model_gpus
+
 
 @dataclass
 class SamplingOptions:
@@ -34,7 +36,12 @@ class SamplingOptions:
 
 @dataclass
 class GenerationStats:
-    """Field names follow llama.cpp's server, with ttft_ms, sparsity and peak memory added."""
+    """Field names follow llama.cpp's server, with ttft_ms, sparsity and peak memory added.
+
+    On GPUs ``peak_memory_gb`` sums the peaks of every GPU the model runs on, and
+    ``peak_memory_gb_per_device`` holds each (``{"cuda:0": …}``); on the CPU it is the
+    process's peak resident memory and the per-device map is empty.
+    """
 
     prompt_n: int = 0
     prompt_ms: float = 0.0
@@ -44,6 +51,7 @@ class GenerationStats:
     sparsity: float | None = None
     sparsity_per_layer: list[float] = field(default_factory=list)
     peak_memory_gb: float = 0.0
+    peak_memory_gb_per_device: dict[str, float] = field(default_factory=dict)
     truncated_tokens: int = 0
     interrupted: bool = False
     # The context (--ctx-size), the model's native one, and the RoPE this prompt ran with:
@@ -84,14 +92,16 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _synchronize(gpus: list[torch.device]) -> None:
+    for gpu in gpus:
+        torch.cuda.synchronize(gpu)
 
 
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
+def _gpu_peaks_gb(gpus: list[torch.device]) -> dict[str, float]:
+    return {str(gpu): torch.cuda.max_memory_allocated(gpu) / 1e9 for gpu in gpus}
+
+
+def _cpu_peak_gb() -> float:
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
@@ -182,9 +192,9 @@ def generate(
 
     Ctrl-C during decoding stops early and returns what was generated, marked interrupted.
     """
-    device = model.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    device, gpus = input_device(model), model_gpus(model)
+    for gpu in gpus:
+        torch.cuda.reset_peak_memory_stats(gpu)
     sampler = _Sampler(options, device)
     stop_ids = _stop_ids(model, tokenizer)
     streamer = _CallbackStreamer(tokenizer, on_text)
@@ -192,11 +202,11 @@ def generate(
     input_ids = torch.tensor([prompt_ids], device=device)
     generated: list[int] = []
 
-    _synchronize(device)
+    _synchronize(gpus)
     start = time.perf_counter()
     logits, cache = prefill(model, input_ids, on_prefill_layer)
     token = sampler(input_ids, logits)
-    _synchronize(device)
+    _synchronize(gpus)
     stats.prompt_ms = stats.ttft_ms = (time.perf_counter() - start) * 1000
     on_first_token()
 
@@ -214,9 +224,10 @@ def generate(
     except KeyboardInterrupt:
         stats.interrupted = True
     streamer.end()
-    _synchronize(device)
+    _synchronize(gpus)
     stats.predicted_ms = (time.perf_counter() - decode_start) * 1000
     stats.predicted_n = len(generated)
-    stats.peak_memory_gb = _peak_memory_gb(device)
+    peaks = stats.peak_memory_gb_per_device = _gpu_peaks_gb(gpus)
+    stats.peak_memory_gb = sum(peaks.values()) if gpus else _cpu_peak_gb()
     text = tokenizer.decode(generated, skip_special_tokens=True)
     return GenerationResult(text, stats)

@@ -78,17 +78,26 @@ def resolve_model(model: str | None) -> ModelSource:
     return ModelSource(model, Path(folder))
 
 
-def load_model(source: ModelSource, device: str, dtype):
-    """Load (model, tokenizer) in eval mode on ``device``; GGUF models through a cached copy."""
+def load_model(source: ModelSource, device, dtype, placement=None):
+    """Load (model, tokenizer) in eval mode on ``device``, or spread over devices as
+    ``placement`` (a ``placement.Placement``) says; GGUF models through a cached copy."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .placement import check_map_fits, device_map_for, dispatch
 
     folder, gguf = source.folder, source.gguf_file
     if gguf is not None and (source.converted_copy / "config.json").is_file():
         folder, gguf = source.converted_copy, None
+    # A GGUF file is de-quantized on the CPU in float32; only then cast and placed.
+    spread_on_load = placement is not None and gguf is None
+    kwargs = {"gguf_file": gguf} if gguf else {}
     try:
-        kwargs = {"gguf_file": gguf} if gguf else {}
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        if spread_on_load:
+            if isinstance(placement.device_map, dict):
+                check_map_fits(_skeleton(folder), placement.device_map)
+            kwargs = placement.pretrained_kwargs()
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32 if gguf else dtype, attn_implementation="sdpa", **kwargs
         )
@@ -101,7 +110,21 @@ def load_model(source: ModelSource, device: str, dtype):
             f"model type {model.config.model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})."
         )
+    if spread_on_load:
+        return model.eval(), tokenizer
+    if placement is not None:
+        model = model.to(dtype=dtype)
+        return dispatch(model, device_map_for(model, placement, dtype)), tokenizer
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def _skeleton(folder: Path):
+    """The model of ``folder``'s config on the meta device: its module names, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
 
 
 def _save_converted_copy(model, tokenizer, target: Path) -> None:

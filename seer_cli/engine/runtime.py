@@ -8,6 +8,7 @@ from .context import ContextSettings, ModelContext
 from .errors import SeerError
 from .generation import GenerationResult, SamplingOptions, generate
 from .models import load_model, resolve_model
+from .placement import Placement
 from .prompt import PromptTokens, build_prompt
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -19,7 +20,9 @@ class EngineOptions:
     """``gates``: a gate file or published folder, ``auto`` (the gates shipped for the model) or
     ``pooled`` (training-free). With neither sparsity nor threshold, or ``dense``, attention is
     the unmodified model's. ``context``: the context size and RoPE scaling of prompts past the
-    native context."""
+    native context. ``device_map`` (``auto``, ``balanced``, ``sequential``, a device or a
+    ``{module name: device}`` map, as JSON text or a dict) and ``max_memory``
+    (``"0=70GiB,1=70GiB,cpu=100GiB"`` or a dict) spread the model over several devices."""
 
     model: str | None = None
     gates: str = "auto"
@@ -29,6 +32,8 @@ class EngineOptions:
     device: str = "auto"
     dtype: str = "auto"
     sparse_min_tokens: int | None = None  # None: the device's measured crossover
+    device_map: str | dict | None = None
+    max_memory: str | dict | None = None
     context: ContextSettings = field(default_factory=ContextSettings)
 
     @property
@@ -36,9 +41,16 @@ class EngineOptions:
         return not self.dense and (self.sparsity is not None or self.threshold is not None)
 
 
-def pick_device(name: str):
+def pick_device(name: str, placement=None):
+    """The torch device for ``--device``; with a ``placement.Placement``, its main device,
+    which an explicit ``--device`` must agree with."""
     import torch
 
+    if placement is not None:
+        main = placement.main_device()
+        if name != "auto" and pick_device(name).type != main.type:
+            raise SeerError(f"--device {name} contradicts --device-map, which runs on {main}.")
+        return main
     if name not in DEVICES:
         raise SeerError(f"unknown device {name!r} (choose from {', '.join(DEVICES)}).")
     if name == "cuda" and not torch.cuda.is_available():
@@ -93,11 +105,12 @@ class Engine:
             except ValueError as error:
                 raise SeerError(str(error)) from error
         options.context.check()
-        device = pick_device(options.device)
+        placement = Placement.parse(options.device_map, options.max_memory)
+        device = pick_device(options.device, placement)
         dtype = pick_dtype(options.dtype, device)
         source = resolve_model(options.model)
         gate_path = resolve_gate_path(options.gates, source.name) if policy else None
-        model, tokenizer = load_model(source, device, dtype)
+        model, tokenizer = load_model(source, device, dtype, placement)
         context = ModelContext(model, source.name, options.context)
         sparse_prefill = None
         if policy is not None:

@@ -1,6 +1,8 @@
 """A whole model's time to first token, dense against sparse, with the sparse prefill split
 into gate scoring + block selection, attention, and everything else."""
 
+import contextlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +12,7 @@ from seer_gates import GateConfig, MaskPolicy, build_gates
 from ..engine.attention import SparsePrefill, SparsityStats
 from ..engine.errors import SeerError
 from ..engine.generation import prefill
+from ..engine.placement import Placement, input_device, layer_devices, model_gpus, random_model
 from ..engine.runtime import model_shape, pick_dtype
 from .report import Column, Report, Stat, ratio
 from .settings import ProgressCallback, check_context, row_name, run_info
@@ -37,19 +40,22 @@ class TimedSparsePrefill(SparsePrefill):
     ``(layer, point)``: ``start``, ``mask`` (the kept blocks are selected) and ``end``.
 
     ``SparsePrefill.attend`` records the kept block counts in ``stats`` after selecting the
-    blocks and before running the kernel: that call makes the ``mask`` mark.
+    blocks and before running the kernel: that call makes the ``mask`` mark. Each layer's
+    points are marked on the device that layer runs on.
     """
 
     def __init__(self, model, policy: MaskPolicy, gates: torch.nn.ModuleList | None):
         super().__init__(model, policy, gates, min_tokens=0)
         self.stats = _NotifyingStats(lambda layer: self._mark(layer, "mask"))
         self.timeline: Timeline | None = None
+        self._layer_device: torch.device | None = None
 
     def _mark(self, layer_idx: int, point: str) -> None:
         if self.timeline is not None:
-            self.timeline.mark((layer_idx, point))
+            self.timeline.mark((layer_idx, point), self._layer_device)
 
     def attend(self, layer_idx: int, q, k, v, scaling: float | None) -> torch.Tensor:
+        self._layer_device = q.device
         self._mark(layer_idx, "start")
         out = super().attend(layer_idx, q, k, v, scaling)
         self._mark(layer_idx, "end")
@@ -72,15 +78,16 @@ class Breakdown:
 
 def instrumented_prefill(sparse: TimedSparsePrefill, input_ids: torch.Tensor) -> Breakdown:
     """Run one prefill with every layer's attention marked, and split its time."""
-    device = input_ids.device
-    timeline = Timeline(device)
+    timeline = Timeline(input_ids.device)
+    gpus = model_gpus(sparse.model)
     sparse.timeline = timeline
     try:
-        synchronize(device)
+        synchronize(input_ids.device)
         timeline.mark("start")
         prefill(sparse.model, input_ids)
         timeline.mark("end")
-        synchronize(device)
+        for gpu in gpus:
+            synchronize(gpu)
     finally:
         sparse.timeline = None
     layers = range(len(sparse.model.model.layers))
@@ -103,10 +110,13 @@ class PrefillSubject:
     gates_label: str
 
 
-def random_subject(name: str, config, gates: str, device: torch.device) -> PrefillSubject:
+def random_subject(
+    name: str, config, gates: str, device: torch.device, placement: Placement | None = None
+) -> PrefillSubject:
     """A model of ``config`` with random weights, created directly on ``device`` (bfloat16 on a
-    GPU, float32 on the CPU), and random-weight gates of the published shape, or the pooled
-    estimator for ``gates="pooled"``. Speed does not depend on the weights' values."""
+    GPU, float32 on the CPU) or spread as ``placement`` says, and random-weight gates of the
+    published shape, or the pooled estimator for ``gates="pooled"``. Speed does not depend on
+    the weights' values."""
     from transformers import AutoModelForCausalLM
 
     if gates not in ("auto", "pooled"):
@@ -120,10 +130,14 @@ def random_subject(name: str, config, gates: str, device: torch.device) -> Prefi
                 "use a small --config or --model."
             )
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=pick_dtype("auto", device), attn_implementation="sdpa"
-        )
+    dtype = pick_dtype("auto", device)
+    if placement is not None:
+        model = random_model(config, dtype, placement)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation="sdpa"
+            )
     if gates == "pooled":
         return PrefillSubject(name, model.eval(), None, "random", "pooled")
     shape = model_shape(config)
@@ -131,13 +145,23 @@ def random_subject(name: str, config, gates: str, device: torch.device) -> Prefi
     return PrefillSubject(name, model.eval(), random_gates, "random", "random")
 
 
-def loaded_subject(model: str | None, gates: str, device: torch.device) -> PrefillSubject:
+def loaded_subject(
+    model: str | None,
+    gates: str,
+    device: torch.device,
+    device_map: str | None = None,
+    max_memory: str | None = None,
+) -> PrefillSubject:
     """A model loaded from ``--model`` (None: the default model) with its gates as ``seer
-    generate`` would load them (``auto``, ``pooled`` or a gate file)."""
+    generate`` would load them (``auto``, ``pooled`` or a gate file), spread over devices by
+    ``device_map`` and ``max_memory`` as there."""
     from ..engine.runtime import Engine, EngineOptions
 
     # Any sparsity loads the gates; each profiled sparsity then gets its own SparsePrefill.
-    options = EngineOptions(model=model, gates=gates, sparsity=0.5, device=device.type)
+    options = EngineOptions(
+        model=model, gates=gates, sparsity=0.5, device=device.type,
+        device_map=device_map, max_memory=max_memory,
+    )  # fmt: skip
     engine = Engine.load(options)
     engine.sparse_prefill.detach()
     label = {"auto": "shipped"}.get(gates, gates)
@@ -158,6 +182,8 @@ PREFILL_COLUMNS = [
     Column("attention_ms", "attention ms"),
     Column("other_ms", "other ms"),
 ]
+# Added to the table when the model runs on several GPUs; peak_memory_gb is then their sum.
+PER_GPU_COLUMN = Column("peak_memory_gb_per_device", "peak memory GB per GPU")
 
 
 def profile_prefill(
@@ -175,15 +201,20 @@ def profile_prefill(
     """
     model = subject.model
     check_context(lengths, subject.name, model.config)
-    device = model.device
+    device, gpus = input_device(model), model_gpus(model)
+    layers_per_device = Counter(str(layer_device) for layer_device in layer_devices(model))
+    spread = {"layers_per_device": dict(layers_per_device)} if len(layers_per_device) > 1 else {}
     info = run_info(
         subject.name, model.config, device, model.dtype, repeats,
-        weights=subject.weights, gates=subject.gates_label,
+        weights=subject.weights, gates=subject.gates_label, **spread,
     )  # fmt: skip
+    if len(gpus) > 1:
+        info["device"] = f"{len(gpus)} × {info['device']}"
+    columns = PREFILL_COLUMNS + [PER_GPU_COLUMN] * (len(gpus) > 1)
     report = Report(
         "prefill",
         info,
-        PREFILL_COLUMNS,
+        columns,
         notes=[
             "dense rows: transformers' SDPA attention; breakdown of sparse rows: one extra "
             "prefill with every layer's attention timed, other = the rest of that prefill"
@@ -195,16 +226,16 @@ def profile_prefill(
         done = index * (1 + len(sparsities))
         ids = torch.randint(model.config.vocab_size, (1, length), generator=generator).to(device)
         on_test(done, total, row_name(length, None))
-        dense_ttft, peak = _ttft(model, ids, repeats)
-        report.rows.append(_prefill_row(length, None, dense_ttft, Stat(1.0, 0.0), peak))
+        dense_ttft, peaks = _ttft(model, ids, repeats, gpus)
+        report.rows.append(_prefill_row(length, None, dense_ttft, Stat(1.0, 0.0), peaks))
         for offset, sparsity in enumerate(sparsities, start=1):
             on_test(done + offset, total, row_name(length, sparsity))
             sparse = TimedSparsePrefill(model, MaskPolicy(sparsity=sparsity), subject.gates)
             try:
-                ttft, peak = _ttft(model, ids, repeats)
+                ttft, peaks = _ttft(model, ids, repeats, gpus)
                 sparse.stats.clear()
                 breakdown = instrumented_prefill(sparse, ids)
-                row = _prefill_row(length, sparsity, ttft, ratio(dense_ttft, ttft), peak)
+                row = _prefill_row(length, sparsity, ttft, ratio(dense_ttft, ttft), peaks)
                 row.update(
                     achieved_sparsity=sparse.stats.overall(),
                     gates_ms=breakdown.gates_ms,
@@ -217,18 +248,24 @@ def profile_prefill(
     return report
 
 
-def _ttft(model, input_ids: torch.Tensor, repeats: int) -> tuple[Stat, float | None]:
-    """Prefill time (``Stat``, ms) and peak GPU memory in GB (None on the CPU)."""
+def _ttft(
+    model, input_ids: torch.Tensor, repeats: int, gpus: list[torch.device]
+) -> tuple[Stat, dict[str, float]]:
+    """Prefill time (``Stat``, ms) and the peak memory of each GPU in GB (none on the CPU).
+
+    The clock's events go on the inputs' device, where the outputs come back to at the end.
+    """
     device = input_ids.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    ttft = Stat.of(times_ms(lambda: prefill(model, input_ids), repeats, device))
-    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    return ttft, peak
+    for gpu in gpus:
+        torch.cuda.reset_peak_memory_stats(gpu)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        ttft = Stat.of(times_ms(lambda: prefill(model, input_ids), repeats, device))
+    return ttft, {str(gpu): torch.cuda.max_memory_allocated(gpu) / 1e9 for gpu in gpus}
 
 
 def _prefill_row(
-    length: int, sparsity: float | None, ttft: Stat, speedup: Stat, peak: float | None
+    length: int, sparsity: float | None, ttft: Stat, speedup: Stat, peaks: dict[str, float]
 ) -> dict:
     return {
         "test": row_name(length, sparsity),
@@ -236,5 +273,6 @@ def _prefill_row(
         "sparsity": sparsity,
         "ttft_ms": ttft,
         "speedup": speedup,
-        "peak_memory_gb": peak,
+        "peak_memory_gb": sum(peaks.values()) if peaks else None,
+        "peak_memory_gb_per_device": peaks or None,
     }

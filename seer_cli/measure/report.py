@@ -49,7 +49,8 @@ class Column:
 class Report:
     """One profile: what ran where (``info``), the table, and what to tell the user on stderr.
 
-    Cells are ``Stat``, numbers, strings, or None for "not measured".
+    Cells are ``Stat``, numbers, strings, ``{name: number}`` (one number per device), or None
+    for "not measured".
     """
 
     mode: str
@@ -84,6 +85,8 @@ def _markdown_cell(value, digits: int) -> str:
         return format_stat(value, digits)
     if isinstance(value, float):
         return f"{value:.{digits}f}"
+    if isinstance(value, dict):
+        return " / ".join(_markdown_cell(item, digits) for item in value.values())
     return str(value)
 
 
@@ -121,6 +124,8 @@ def render_csv(report: Report) -> str:
             value = row.get(column.key)
             if column.key in stat_keys:
                 cells += [value.mean, value.std] if value is not None else ["", ""]
+            elif isinstance(value, dict):
+                cells.append(json.dumps(value))
             else:
                 cells.append("" if value is None else value)
         writer.writerow(cells)

@@ -64,17 +64,18 @@ def _mean_call_ms(fn, device: torch.device, calls: int, flush: torch.Tensor | No
 
 
 class Timeline:
-    """Named points in time on one device: CUDA events on a GPU (recorded without waiting for
-    the GPU), the wall clock on the CPU. Synchronize the device before reading spans."""
+    """Named points in time: CUDA events on a GPU (recorded without waiting for the GPU), the
+    wall clock on the CPU. A point is marked on ``device``'s current stream (by default the
+    timeline's), and a span is read between two points of one device, after synchronizing it."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self._points = {}
 
-    def mark(self, name) -> None:
+    def mark(self, name, device: torch.device | None = None) -> None:
         if self.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(device or self.device))
             self._points[name] = event
         else:
             self._points[name] = time.perf_counter()
