@@ -353,3 +353,12 @@ def test_distilled_gates_record_their_scaling(tiny_folder, tmp_path):
     assert (metadata["rope_scaling"], metadata["rope_scale"]) == ("yarn", 2.0)
     assert metadata["yarn_orig_ctx"] == CONTEXT
     assert metadata["harvest_minutes"] >= 0
+
+
+def test_frequencies_cast_to_bfloat16_are_rebuilt_in_float32():
+    model = tiny_model("llama")
+    expected = model.model.rotary_emb.inv_freq.clone()
+    model.to(torch.bfloat16)
+    ModelContext(model, "tiny", ContextSettings(EXTENDED))
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, expected, rtol=0, atol=0)

@@ -145,7 +145,7 @@ class ModelContext:
         self.model = model
         self.name = model_name
         self.plan = plan_context(model.config, model_name, settings)
-        self._native = model.model.rotary_emb
+        self._native = _float32_rotary(model)
         self._scaled = None
 
     @property
@@ -189,3 +189,16 @@ class ModelContext:
             # dtype (positions up to the context size need float32 frequencies).
             self._scaled = type(native)(config=config).to(native.inv_freq.device)
         return self._scaled
+
+
+def _float32_rotary(model):
+    """The model's rotary module, rebuilt in float32 if loading cast its frequencies to a
+    narrower dtype (``model.to(bfloat16)`` does; transformers' own loading keeps them float32,
+    and the scaled module is float32 too, so that native and scaled compare fairly)."""
+    import torch
+
+    rotary = model.model.rotary_emb
+    if rotary.inv_freq.dtype != torch.float32:
+        rotary = type(rotary)(config=rotary.config).to(rotary.inv_freq.device)
+        model.model.rotary_emb = rotary
+    return rotary
