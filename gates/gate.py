@@ -24,33 +24,40 @@ def _pooling_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _blocked(x: torch.Tensor, block_size: int, fill: float) -> torch.Tensor:
-    """Pad x `[b, s, H, c]` along s with `fill` and split it: `[b, nb, block_size, H, c]`."""
+def _blocked(x: torch.Tensor, block_size: int, fill: float, start: int = 0) -> torch.Tensor:
+    """Pad x `[b, s, H, c]` along s with `fill` and split it: `[b, nb, block_size, H, c]`.
+
+    The first token sits at offset `start` (< block_size) of the first block.
+    """
     if x.dim() != 4:
         raise ValueError(f"expected a [batch, seq, heads, dim] tensor, got {tuple(x.shape)}.")
     b, s, heads, c = x.shape
-    nb = block_count(s, block_size)
-    if nb * block_size > s:
-        x = F.pad(x, (0, 0, 0, 0, 0, nb * block_size - s), value=fill)
+    nb = block_count(start + s, block_size)
+    if start or nb * block_size > start + s:
+        x = F.pad(x, (0, 0, 0, 0, start, nb * block_size - start - s), value=fill)
     return x.reshape(b, nb, block_size, heads, c)
 
 
-def _block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean of x `[b, s, H, c]` over each block of tokens → `[b, nb, H, c]`, in float32+."""
+def _block_mean(x: torch.Tensor, block_size: int, start: int = 0) -> torch.Tensor:
+    """Mean of x `[b, s, H, c]` over each block of tokens → `[b, nb, H, c]`, in float32+; the
+    first token sits at offset `start` of the first block."""
     # Accumulating in float32 directly avoids a float32 copy of the whole input.
-    sums = _blocked(x, block_size, 0.0).sum(dim=2, dtype=_pooling_dtype(x))
-    starts = torch.arange(sums.shape[1], device=x.device) * block_size
-    counts = (x.shape[1] - starts).clamp(max=block_size)
+    sums = _blocked(x, block_size, 0.0, start).sum(dim=2, dtype=_pooling_dtype(x))
+    edges = torch.arange(sums.shape[1] + 1, device=x.device) * block_size
+    edges = edges.clamp(min=start, max=start + x.shape[1])
+    counts = edges[1:] - edges[:-1]
     return sums / counts.view(1, -1, 1, 1).to(sums.dtype)
 
 
-def pool_queries(q: torch.Tensor, block_size: int = 64) -> torch.Tensor:
+def pool_queries(q: torch.Tensor, block_size: int = 64, start: int = 0) -> torch.Tensor:
     """Average pre-RoPE queries over blocks of tokens.
 
-    q: `[b, s, Hq, d]` → `[b, nb, Hq, d]` (float32, or float64 for float64 input). The last,
-    partial block averages only the tokens it has.
+    q: `[b, s, Hq, d]` → `[b, nb, Hq, d]` (float32, or float64 for float64 input). Blocks lie
+    on the grid of positions: with `start` the position of q's first token (queries of a chunk
+    that continues a cache), the first block is block ``start // block_size`` and pools only the
+    tokens of q in it; the last, partial block averages only the tokens it has.
     """
-    return _block_mean(q, block_size)
+    return _block_mean(q, block_size, start % block_size)
 
 
 def pool_keys(k: torch.Tensor, block_size: int = 64) -> torch.Tensor:
@@ -112,18 +119,22 @@ def block_rope_tables(
 
 
 def block_causal_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Scaled block logits with -inf above the diagonal.
+    """Scaled block logits with -inf above each query block's own (diagonal) key block.
 
-    q: `[b, nb, Hq, h]`; k: `[b, nb, Hkv, h]` with Hq a multiple of Hkv (query head i reads
-    key head i // (Hq // Hkv)). Returns `[b, Hq, nb, nb]` = q_i · k_j / sqrt(h).
+    q: `[b, nq, Hq, h]`, the last nq of the key blocks (nq = nb for a whole prompt, fewer for a
+    chunk continuing a cache); k: `[b, nb, Hkv, h]` with Hq a multiple of Hkv (query head i
+    reads key head i // (Hq // Hkv)). Returns `[b, Hq, nq, nb]` = q_r · k_j / sqrt(h), -inf for
+    j > nb - nq + r.
     """
     num_q, num_kv = q.shape[2], k.shape[2]
     if num_q % num_kv:
         raise ValueError(f"{num_q} query heads cannot share {num_kv} key heads evenly.")
+    nq, nb = q.shape[1], k.shape[1]
+    if nq > nb:
+        raise ValueError(f"{nq} query blocks cannot be the last blocks of {nb} key blocks.")
     k = k.repeat_interleave(num_q // num_kv, dim=2)
     logits = torch.einsum("bihc,bjhc->bhij", q, k) / math.sqrt(q.shape[-1])
-    nb = logits.shape[-1]
-    above = torch.ones(nb, nb, dtype=torch.bool, device=q.device).triu(1)
+    above = torch.ones(nq, nb, dtype=torch.bool, device=q.device).triu(nb - nq + 1)
     return logits.masked_fill(above, -math.inf)
 
 
@@ -190,8 +201,9 @@ class AttnGate(nn.Module):
     ) -> torch.Tensor:
         """Block-causal gate logits from pooled inputs.
 
-        q_pooled: `[b, nb, Hq, d]`; k_pooled: `[b, nb, Hkv, 3d]`; cos, sin: `[b, nb, h]` at
-        block positions. Returns `[b, Hq, nb, nb]`, -inf where key block j > query block i.
+        q_pooled: `[b, nq, Hq, d]`, the last nq key blocks (all of them for a whole prompt);
+        k_pooled: `[b, nb, Hkv, 3d]`; cos, sin: `[b, nb, h]` at the key blocks' positions.
+        Returns `[b, Hq, nq, nb]`, -inf where key block j lies after query row r's block.
         """
         dtype = self._compute_dtype()
         q, k = q_pooled.to(dtype), k_pooled.to(dtype)
@@ -201,7 +213,9 @@ class AttnGate(nn.Module):
             q = self.mask_linear_q(q)
         k = self.mask_linear_k(k)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        return block_causal_logits(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))
+        nq = q.shape[1]
+        q = apply_rotary(q, cos[:, -nq:], sin[:, -nq:])
+        return block_causal_logits(q, apply_rotary(k, cos, sin))
 
     def forward(
         self,
@@ -211,13 +225,15 @@ class AttnGate(nn.Module):
         sin: torch.Tensor,
         probabilities: bool = True,
     ) -> torch.Tensor:
-        """Block scores from raw pre-RoPE q `[b, s, Hq, d]` and k `[b, s, Hkv, d]`.
+        """Block scores from raw pre-RoPE q `[b, sq, Hq, d]` and k `[b, s, Hkv, d]`.
 
-        cos, sin: `[b, nb, h]`. Returns `[b, Hq, nb, nb]`: each row a softmax over key blocks
-        j ≤ i, zero above the diagonal; with ``probabilities`` False the logits instead
-        (-inf above the diagonal), which rank a row's blocks the same without the softmax.
+        q holds the last sq of the s positions (sq = s for a whole prompt); cos, sin:
+        `[b, nb, h]`. Returns `[b, Hq, nq, nb]` (nq: the blocks q touches, the last of the nb):
+        each row a softmax over key blocks up to its own, zero after it; with ``probabilities``
+        False the logits instead (-inf after it), which rank a row's blocks the same without the
+        softmax.
         """
-        q_pooled = pool_queries(q, self.block_size)
+        q_pooled = pool_queries(q, self.block_size, start=k.shape[1] - q.shape[1])
         k_pooled = pool_keys(k, self.block_size)
         logits = self.logits(q_pooled, k_pooled, cos, sin)
         return logits.softmax(dim=-1) if probabilities else logits

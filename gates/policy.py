@@ -39,22 +39,27 @@ class MaskPolicy:
 
 
 @functools.lru_cache(maxsize=16)
-def _causal(nb: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+def _causal(nb: int, device: torch.device, rows: int | None = None) -> torch.Tensor:
+    """`[rows, nb]` bool: the causal blocks of the last `rows` block rows (default all nb)."""
+    rows = nb if rows is None else rows
+    return torch.ones(rows, nb, dtype=torch.bool, device=device).tril(nb - rows)
 
 
 @functools.lru_cache(maxsize=16)
-def _forced_on(nb: int, keep_sink: bool, dense_last_row: bool, device) -> torch.Tensor:
+def _forced_on(nb: int, keep_sink: bool, dense_last_row: bool, device, rows: int | None = None):
     policy = MaskPolicy(sparsity=0.0, keep_sink=keep_sink, dense_last_row=dense_last_row)
-    return _forced(nb, policy).to(device)
+    return _forced(nb, policy, rows).to(device)
 
 
-def _forced(nb: int, policy: MaskPolicy) -> torch.Tensor:
-    """Blocks kept whatever the scores: `[nb, nb]` bool, on the CPU."""
-    forced = torch.eye(nb, dtype=torch.bool)
+def _forced(nb: int, policy: MaskPolicy, rows: int | None = None) -> torch.Tensor:
+    """Blocks kept whatever the scores: `[rows, nb]` bool for the last `rows` block rows
+    (default all nb), on the CPU. The dense last row is block nb - 1's."""
+    rows = nb if rows is None else rows
+    forced = torch.zeros(rows, nb, dtype=torch.bool)
+    forced[:, nb - rows :].fill_diagonal_(True)
     if policy.keep_sink:
         forced[:, 0] = True
-    if policy.dense_last_row:
+    if policy.dense_last_row and rows:
         forced[-1, :] = True
     return forced
 
@@ -77,15 +82,17 @@ def _row_budgets(forced: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _TopkPlan:
-    """Row budgets of a top-k selection, built once per shape and policy.
+    """Row budgets of a top-k selection over a prompt's whole block map, built once per shape
+    and policy.
 
     rows: ranked rows (all but a dense last row); budgets [rows] int32 on the device: blocks to
-    take per ranked row; k: the largest budget.
+    take per ranked row (host_budgets: the same on the CPU); k: the largest budget.
     """
 
     rows: int
     k: int
     budgets: torch.Tensor
+    host_budgets: torch.Tensor
 
 
 @functools.lru_cache(maxsize=16)
@@ -98,19 +105,25 @@ def _topk_plan(
     budgets = _row_budgets(_forced(nb, policy), policy) - (0 if with_diagonal else 1)
     rows = nb - 1 if dense_last_row else nb
     k = int(budgets[:rows].max()) if rows else 0
-    return _TopkPlan(rows, k, budgets[:rows].to(device=device, dtype=torch.int32))
+    host = budgets[:rows].to(torch.int32)
+    return _TopkPlan(rows, k, host.to(device), host)
 
 
-def _ranking_bias(rows: int, nb: int, keep_sink: bool, with_diagonal: bool, device):
-    """[rows, nb] float32 added to scores before top-k: -inf where a block is never ranked,
-    +inf where it is forced (sink, and the diagonal when ranked), 0 elsewhere. Built on the
-    device each call rather than cached, so that it holds no memory between prefills."""
-    never = torch.ones(rows, nb, dtype=torch.bool, device=device).triu(1 if with_diagonal else 0)
+def _ranking_bias(
+    rows: int, nb: int, keep_sink: bool, with_diagonal: bool, device, first: int = 0
+) -> torch.Tensor:
+    """[rows, nb] float32 added to the scores of block rows first, first + 1, … before top-k:
+    -inf where a block is never ranked, +inf where it is forced (sink, and the diagonal when
+    ranked), 0 elsewhere. Built on the device each call rather than cached, so that it holds no
+    memory between prefills."""
+    never = torch.ones(rows, nb, dtype=torch.bool, device=device)
+    never = never.triu(first + (1 if with_diagonal else 0))
     bias = torch.zeros(rows, nb, device=device).masked_fill_(never, -math.inf)
     if with_diagonal:
-        bias.diagonal().fill_(math.inf)
+        bias[:, first:].diagonal().fill_(math.inf)
     if keep_sink:
-        bias[0 if with_diagonal else 1 :, 0] = math.inf
+        # Block row 0 has no sink to rank apart from its diagonal.
+        bias[max((0 if with_diagonal else 1) - first, 0) :, 0] = math.inf
     return bias
 
 
@@ -120,6 +133,29 @@ def _plan_for(nb: int, policy: MaskPolicy, device, with_diagonal: bool) -> _Topk
     )
 
 
+def _block_rows(scores: torch.Tensor, total_blocks: int | None) -> tuple[int, int]:
+    """``(first, total)`` for scores `[..., rows, nb]`: their rows are block rows first … nb - 1
+    (the last rows, as the kernel takes them) of a prompt of ``total`` blocks (default nb)."""
+    if scores.dim() < 2 or scores.shape[-2] > scores.shape[-1]:
+        raise ValueError(
+            "scores must end in [query block rows, key blocks], the rows being the last key "
+            f"blocks, got {tuple(scores.shape)}."
+        )
+    rows, nb = scores.shape[-2:]
+    total = nb if total_blocks is None else total_blocks
+    if total < nb:
+        raise ValueError(f"a prompt of {total} blocks cannot have {nb} key blocks scored.")
+    return nb - rows, total
+
+
+def _ranked_rows(plan: _TopkPlan, first: int, rows: int) -> tuple[int, int]:
+    """``(ranked, k)``: how many of the rows from block row ``first`` on are ranked (all but a
+    dense last row) and the largest budget among them."""
+    ranked = max(min(rows, plan.rows - first), 0)
+    k = int(plan.host_budgets[first : first + ranked].max()) if ranked else 0
+    return ranked, k
+
+
 def _row_thresholds(threshold: float, nb: int, rows: int, device) -> torch.Tensor:
     """`[rows, 1]` float32: the score threshold of each of the last `rows` block rows, τ times
     the row's average score; row i (of nb) has i + 1 causal blocks."""
@@ -127,76 +163,88 @@ def _row_thresholds(threshold: float, nb: int, rows: int, device) -> torch.Tenso
     return (threshold / causal_blocks).unsqueeze(-1)
 
 
-def select_blocks(scores: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
+def select_blocks(
+    scores: torch.Tensor, policy: MaskPolicy, total_blocks: int | None = None
+) -> torch.Tensor:
     """Block mask from block-causal scores.
 
-    scores: `[b, H, nb, nb]` (any leading dims), entries above the diagonal ignored.
-    Returns bool `[b, H, nb, nb]`: the forced blocks, plus the blocks scoring above τ times
+    scores: `[b, H, nq, nb]` (any leading dims): the scores of block rows nb - nq … nb - 1 (all
+    of them for a whole prompt; a prompt prefilled in chunks, or continuing a cache, scores
+    its last rows), entries after each row's own block ignored. total_blocks: blocks of the
+    whole prompt (default nb, this call ends it): budgets are those of the prompt's rows, and
+    its last row is the dense one.
+    Returns bool `[b, H, nq, nb]`: the forced blocks, plus the blocks scoring above τ times
     their row's average (the scores then being each row's softmax) or, under sparsity, each
     row's highest-scoring blocks up to its budget (forced blocks count inside the budget).
-    Nothing above the diagonal is kept.
+    Nothing after a row's own block is kept.
     """
-    if scores.dim() < 2 or scores.shape[-1] != scores.shape[-2]:
-        raise ValueError(f"scores must end in two equal block axes, got {tuple(scores.shape)}.")
-    nb, device = scores.shape[-1], scores.device
-    causal = _causal(nb, device)
-    forced = _forced_on(nb, policy.keep_sink, policy.dense_last_row, device)
+    first, total = _block_rows(scores, total_blocks)
+    rows, nb = scores.shape[-2:]
+    device = scores.device
+    causal = _causal(nb, device, rows)
+    dense_row = policy.dense_last_row and nb == total
+    forced = _forced_on(nb, policy.keep_sink, dense_row, device, rows)
     if policy.threshold is not None:
-        return (scores > _row_thresholds(policy.threshold, nb, nb, device)) & causal | forced
+        return (scores > _row_thresholds(policy.threshold, nb, rows, device)) & causal | forced
 
-    plan = _plan_for(nb, policy, device, with_diagonal=True)
+    plan = _plan_for(total, policy, device, with_diagonal=True)
+    ranked, k = _ranked_rows(plan, first, rows)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=device)
-    if plan.k:
-        bias = _ranking_bias(plan.rows, nb, policy.keep_sink, True, device)
-        top = (scores[..., : plan.rows, :].float() + bias).topk(plan.k, dim=-1).indices
-        keep = torch.arange(plan.k, device=device) < plan.budgets[:, None]
-        mask[..., : plan.rows, :].scatter_(-1, top, keep.expand_as(top))
+    if k:
+        bias = _ranking_bias(ranked, nb, policy.keep_sink, True, device, first)
+        top = (scores[..., :ranked, :].float() + bias).topk(k, dim=-1).indices
+        keep = torch.arange(k, device=device) < plan.budgets[first : first + ranked, None]
+        mask[..., :ranked, :].scatter_(-1, top, keep.expand_as(top))
     # A -inf causal score can tie with the masked upper triangle; causality wins.
     return mask & causal | forced
 
 
 def select_block_lists(
-    scores: torch.Tensor, policy: MaskPolicy
+    scores: torch.Tensor, policy: MaskPolicy, total_blocks: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k selection straight into the kernel's input: per-row lists of kept key blocks.
 
-    The same blocks as ``select_blocks`` under a sparsity policy, without the diagonal (the
-    kernel always computes it) and without building a mask. scores: `[b, H, nb, nb]`, any
-    per-row monotonic transform of probabilities (e.g. gate logits) ranks the same.
-    Returns (indices `[b, H, nb, w]` int32, counts `[b, H, nb]` int32): row i keeps
-    ``indices[..., i, :counts[..., i]]``, in no particular order; slots past a row's count
+    The same blocks as ``select_blocks`` under a sparsity policy (same arguments), without the
+    diagonal (the kernel always computes it) and without building a mask. Any per-row monotonic
+    transform of probabilities (e.g. gate logits) ranks the same.
+    Returns (indices `[b, H, nq, w]` int32, counts `[b, H, nq]` int32): row r keeps
+    ``indices[..., r, :counts[..., r]]``, in no particular order; slots past a row's count
     are unspecified.
     """
     if policy.sparsity is None:
         raise ValueError("block lists come from a sparsity policy, not a threshold.")
-    *lead, nb, _ = scores.shape
+    first, total = _block_rows(scores, total_blocks)
+    *lead, rows, nb = scores.shape
     device = scores.device
-    plan = _plan_for(nb, policy, device, with_diagonal=False)
-    width = max(plan.k, nb - 1 if policy.dense_last_row else 0, 1)
-    indices = torch.empty(*lead, nb, width, dtype=torch.int32, device=device)
-    counts = torch.empty(nb, dtype=torch.int32, device=device)
-    counts[: plan.rows] = plan.budgets
-    if plan.k:
-        bias = _ranking_bias(plan.rows, nb, policy.keep_sink, False, device)
-        ranked = scores[..., : plan.rows, :].float() + bias
-        indices[..., : plan.rows, : plan.k] = ranked.topk(plan.k, dim=-1).indices
-    if policy.dense_last_row and nb > 1:
-        indices[..., nb - 1, : nb - 1] = torch.arange(nb - 1, dtype=torch.int32, device=device)
-    if plan.rows < nb:
-        counts[plan.rows :] = nb - 1
-    return indices, counts.expand(*lead, nb)
+    plan = _plan_for(total, policy, device, with_diagonal=False)
+    ranked, k = _ranked_rows(plan, first, rows)
+    dense_row = ranked < rows  # these rows end the prompt, whose last row is dense
+    width = max(k, nb - 1 if dense_row else 0, 1)
+    indices = torch.empty(*lead, rows, width, dtype=torch.int32, device=device)
+    counts = torch.empty(rows, dtype=torch.int32, device=device)
+    counts[:ranked] = plan.budgets[first : first + ranked]
+    if k:
+        bias = _ranking_bias(ranked, nb, policy.keep_sink, False, device, first)
+        scored = scores[..., :ranked, :].float() + bias
+        indices[..., :ranked, :k] = scored.topk(k, dim=-1).indices
+    if dense_row:
+        indices[..., rows - 1, : nb - 1] = torch.arange(nb - 1, dtype=torch.int32, device=device)
+        counts[rows - 1] = nb - 1
+    return indices, counts.expand(*lead, rows)
 
 
 def kept_causal_blocks(mask: torch.Tensor) -> tuple[int, int]:
-    """(kept, total) causal blocks of a block mask `[..., nb, nb]`, for summing over layers."""
-    nb = mask.shape[-1]
-    per_map = nb * (nb + 1) // 2
-    total = per_map * (mask.numel() // (nb * nb)) if nb else 0
-    kept = int((mask & _causal(nb, mask.device)).sum())
+    """(kept, total) causal blocks of a block mask `[..., nq, nb]` (rows: the last nq blocks),
+    for summing over layers."""
+    rows, nb = mask.shape[-2:]
+    first = nb - rows
+    per_map = (nb * (nb + 1) - first * (first + 1)) // 2
+    total = per_map * (mask.numel() // (rows * nb)) if rows * nb else 0
+    kept = int((mask & _causal(nb, mask.device, rows)).sum())
     return kept, total
 
 
 def achieved_sparsity(mask: torch.Tensor) -> float:
-    """1 − kept causal blocks / causal blocks over the whole mask `[..., nb, nb]`."""
+    """1 − kept causal blocks / causal blocks over the whole mask `[..., nq, nb]`."""
     kept, total = kept_causal_blocks(mask)
     return 1.0 - kept / total if total else 0.0

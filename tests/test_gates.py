@@ -333,9 +333,9 @@ def test_policy_validation(kwargs):
         MaskPolicy(**kwargs)
 
 
-def test_select_blocks_rejects_non_square_scores():
-    with pytest.raises(ValueError, match="two equal block axes"):
-        select_blocks(torch.rand(1, 1, 3, 4), MaskPolicy(sparsity=0.5))
+def test_select_blocks_rejects_more_rows_than_key_blocks():
+    with pytest.raises(ValueError, match="rows being the last key blocks"):
+        select_blocks(torch.rand(1, 1, 4, 3), MaskPolicy(sparsity=0.5))
 
 
 # ---------------------------------------------------------------- pooled estimator
