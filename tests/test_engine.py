@@ -15,6 +15,8 @@ from seer_gates import (
     MaskPolicy,
     block_count,
     build_gates,
+    pool_keys,
+    pool_queries,
     pooled_qk_scores,
     save_gates,
     select_blocks,
@@ -85,16 +87,17 @@ def test_zero_sparsity_generates_like_the_unmodified_model(family, attached):
     assert prefill.stats.overall() == 0.0
 
 
-def inputs_of(modules):
-    """The first two positional inputs of every call to each module, per module."""
-    seen = {index: [] for index in range(len(modules))}
-    handles = [
-        module.register_forward_pre_hook(
-            lambda _, args, index=index: seen[index].append((args[0].clone(), args[1].clone()))
-        )
-        for index, module in enumerate(modules)
-    ]
-    return seen, handles
+def pooled_inputs_of(gates):
+    """The pooled queries and keys of every call to each gate's ``logits``, per gate."""
+    seen = {index: [] for index in range(len(gates))}
+    for index, gate in enumerate(gates):
+
+        def record(q, k, *tables, index=index, logits=gate.logits):
+            seen[index].append((q.clone(), k.clone()))
+            return logits(q, k, *tables)
+
+        gate.logits = record
+    return seen
 
 
 def pre_rope_qk(model):
@@ -127,13 +130,13 @@ def test_trained_format_gates_make_prefill_sparse(family, attached):
     ids = random_ids(1000)
     dense = logits_of(model, ids)
     gates = tiny_gates(model)
-    gate_inputs, gate_handles = inputs_of(gates)
+    gate_inputs = pooled_inputs_of(gates)
     expected_qk, qk_handles = pre_rope_qk(model)
     prefill = attached(model, MaskPolicy(sparsity=0.7), gates)
     try:
         sparse = logits_of(model, ids)
     finally:
-        for handle in gate_handles + qk_handles:
+        for handle in qk_handles:
             handle.remove()
 
     assert torch.isfinite(sparse).all()
@@ -148,13 +151,13 @@ def test_trained_format_gates_make_prefill_sparse(family, attached):
     assert prefill.stats.total == {
         layer: NUM_Q_HEADS * nb * (nb + 1) // 2 for layer in range(NUM_LAYERS)
     }
-    # The gates read each layer's queries and keys before RoPE, once per layer.
+    # The gates read each layer's queries and keys before RoPE, pooled, once per layer.
     for layer in range(NUM_LAYERS):
         [(q, k)] = gate_inputs[layer]
-        assert q.shape == (1, ids.shape[1], NUM_Q_HEADS, 64)
-        assert k.shape == (1, ids.shape[1], NUM_KV_HEADS, 64)
-        torch.testing.assert_close(q, expected_qk[layer][0])
-        torch.testing.assert_close(k, expected_qk[layer][1])
+        assert q.shape == (1, nb, NUM_Q_HEADS, 64)
+        assert k.shape == (1, nb, NUM_KV_HEADS, 3 * 64)
+        torch.testing.assert_close(q, pool_queries(expected_qk[layer][0]))
+        torch.testing.assert_close(k, pool_keys(expected_qk[layer][1]))
     # Skipping blocks really changes the computation.
     assert (sparse - dense).abs().max() > 1e-3
 

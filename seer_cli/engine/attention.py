@@ -1,20 +1,24 @@
 """SeerAttention inside transformers models, through ``transformers.AttentionInterface``.
 
-During prefill (a prompt processed in one pass, no cache yet) every layer scores its 64×64
-blocks — with the trained gates, from the pre-RoPE queries and keys caught by forward hooks, or
-with the training-free pooled estimator — keeps blocks by the mask policy, and computes attention
-on the kept blocks only. Decode steps, and anything else, go to transformers' own SDPA path.
+During prefill every layer scores its 64×64 blocks — with the trained gates, from the pre-RoPE
+queries and keys caught by forward hooks, or with the training-free pooled estimator — keeps
+blocks by the mask policy, and computes attention on the kept blocks only. A prefill is a whole
+prompt, a chunk of one (``generation.prefill``'s ubatch) or a prompt continuing a cache: its
+queries are the last positions of the cached keys, scored against every key block so far.
+Decode steps and padded batches go to transformers' own SDPA path.
 """
 
 import copy
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from seer_gates import (
     MaskPolicy,
     block_count,
     block_rope_tables,
+    pool_queries,
     pooled_qk_scores,
     select_block_lists,
     select_blocks,
@@ -24,10 +28,12 @@ from seer_kernels import (
     block_sparse_attention_from_lists,
     block_sparse_attention_reference,
 )
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from .past_keys import PastKeys
 from .placement import layer_devices
 
 ATTENTION_NAME = "seer"
@@ -101,6 +107,7 @@ class SparsePrefill:
         self._captured: dict[int, dict[str, torch.Tensor]] = {}
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks = []
+        self._past_keys: PastKeys | None = None
         self._attach()
 
     # --- set-up ---
@@ -113,11 +120,14 @@ class SparsePrefill:
             for gate, device in zip(self.gates, layer_devices(self.model), strict=True):
                 gate.to(device)
             self._hooks = catch_pre_rope(self.model, self._store)
+            self._past_keys = PastKeys(self.model)
         self.model.set_attn_implementation(ATTENTION_NAME)
 
     def detach(self) -> None:
         for hook in self._hooks:
             hook.remove()
+        if self._past_keys is not None:
+            self._past_keys.remove()
         for layer in self.model.model.layers:
             del layer.self_attn.seer_prefill
         self.model.set_attn_implementation("sdpa")
@@ -127,42 +137,60 @@ class SparsePrefill:
 
     # --- per layer, during prefill ---
 
-    def attend(self, layer_idx: int, q, k, v, scaling: float | None) -> torch.Tensor:
-        """Sparse causal attention of one layer. q: [b, Hq, s, d], k/v: [b, Hkv, s, d]."""
-        b, hq, s, _ = q.shape
-        nb = block_count(s)
-        causal_blocks = b * hq * nb * (nb + 1) // 2
-        if self.policy.sparsity == 0 or s < self.min_tokens:
-            # Nothing to skip, or too short to pay: dense attention, the dense kernel does it best.
-            self._captured.pop(layer_idx, None)
+    def attend(
+        self, layer_idx: int, q, k, v, scaling: float | None, prompt_end: int | None = None
+    ) -> torch.Tensor:
+        """Sparse causal attention of one layer. q: [b, Hq, sq, d], the last sq positions of
+        k/v: [b, Hkv, s, d] (sq = s for a whole prompt in one pass). prompt_end: the cache length
+        once the whole prompt is in, when this is one of its chunks (default s: it ends here),
+        for the policy's budgets and its dense last row."""
+        b, hq, sq, _ = q.shape
+        s = k.shape[2]
+        nb, first = block_count(s), (s - sq) // 64
+        rows = nb - first
+        causal_blocks = b * hq * (nb * (nb + 1) - first * (first + 1)) // 2
+        captured = self._captured.pop(layer_idx, None)
+        if self.policy.sparsity == 0:
             self.stats.record(layer_idx, causal_blocks, causal_blocks)
-            return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scaling, enable_gqa=hq != k.shape[1]
-            )
+            return causal_attention(q, k, v, scaling)
+        # Kept up to date even where this call is dense: later chunks score against these keys.
+        pooled_keys = (
+            None if captured is None else self._past_keys.extend(layer_idx, captured["k"], k)
+        )
+        if s < self.min_tokens:
+            # Too short to pay: dense attention, the dense kernel does it best.
+            self.stats.record(layer_idx, causal_blocks, causal_blocks)
+            return causal_attention(q, k, v, scaling)
+        total_blocks = block_count(prompt_end or s)
+        scores = partial(self._scores, layer_idx, q, k, captured, pooled_keys, total_blocks)
         if attention_kernel(q.device) == "triton" and self.policy.sparsity is not None:
             # Top-k straight to the kernel's block lists: no mask to build and list again.
             indices, counts = select_block_lists(
-                self._scores(layer_idx, q, k, probabilities=False), self.policy
+                scores(probabilities=False), self.policy, total_blocks
             )
-            self.stats.record(layer_idx, counts.sum() + b * hq * nb, causal_blocks)
+            self.stats.record(layer_idx, counts.sum() + b * hq * rows, causal_blocks)
             return block_sparse_attention_from_lists(q, k, v, indices, counts, scaling)
-        mask = select_blocks(self._scores(layer_idx, q, k), self.policy)
-        causal = torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril()
+        mask = select_blocks(scores(), self.policy, total_blocks)
+        causal = torch.ones(rows, nb, dtype=torch.bool, device=mask.device).tril(first)
         self.stats.record(layer_idx, (mask & causal).sum(), causal_blocks)
         if attention_kernel(q.device) == "triton":
             return block_sparse_attention(q, k, v, mask, scaling)
         return block_sparse_attention_reference(q, k, v, mask, scaling)
 
-    def _scores(self, layer_idx: int, q, k, probabilities: bool = True) -> torch.Tensor:
-        """Block scores [b, Hq, nb, nb]; with ``probabilities`` False the gates may return
-        logits, which rank the blocks of a row the same and save a softmax."""
+    def _scores(
+        self, layer_idx: int, q, k, captured, pooled_keys, total_blocks: int, probabilities=True
+    ) -> torch.Tensor:
+        """Block scores [b, Hq, rows, nb] of the query blocks against every key block so far;
+        with ``probabilities`` False the gates may return logits, which rank the blocks of a
+        row the same and save a softmax."""
         if self.gates is None:
             return pooled_qk_scores(q, k)
-        captured = self._captured.pop(layer_idx)
-        cos, sin = self._block_rope(block_count(q.shape[2]), q.shape[0], q.device)
-        return self.gates[layer_idx](
-            captured["q"], captured["k"], cos, sin, probabilities=probabilities
-        )
+        # Tables for the whole prompt, built once per prompt; a chunk takes its first blocks.
+        cos, sin = self._block_rope(total_blocks, q.shape[0], q.device)
+        nb = pooled_keys.shape[1]
+        q_pooled = pool_queries(captured["q"], start=k.shape[2] - q.shape[2])
+        logits = self.gates[layer_idx].logits(q_pooled, pooled_keys, cos[:, :nb], sin[:, :nb])
+        return logits.softmax(dim=-1) if probabilities else logits
 
     def _block_rope(self, num_blocks: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables of the current prompt shape, one copy per device the layers run on."""
@@ -211,18 +239,63 @@ def catch_pre_rope(model, store) -> list:
     return handles
 
 
-def seer_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Attention function registered as ``"seer"``: sparse on prefill, SDPA otherwise."""
-    prefill = getattr(module, "seer_prefill", None)
+def causal_attention(q, k, v, scaling: float | None) -> torch.Tensor:
+    """Dense causal attention of queries q [b, Hq, sq, d] that are the last positions of
+    k/v [b, Hkv, s, d]. For a chunk (sq < s) the causal mask is aligned to the last key, which
+    SDPA's flash kernel applies without building it."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    mask = None if q_len == kv_len else causal_lower_right(q_len, kv_len)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # fmt: skip
+
+
+def seer_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, seer_prompt_end=None, **kwargs
+):
+    """Attention function registered as ``"seer"``: sparse on prefill, SDPA otherwise.
+
+    ``seer_prompt_end`` (passed to the model call by a chunked prefill): the cache length once
+    the whole prompt is in.
+    """
     q_len, kv_len = query.shape[2], key.shape[2]
-    if prefill is None or q_len == 1 or q_len != kv_len or attention_mask is not None:
+    if q_len == 1 or attention_mask is not None:
+        # Decode steps and padded batches: transformers' SDPA with its mask.
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, **kwargs
         )
-    out = prefill.attend(module.layer_idx, query, key, value, scaling)
+    prefill = getattr(module, "seer_prefill", None)
+    if prefill is not None:
+        out = prefill.attend(module.layer_idx, query, key, value, scaling, seer_prompt_end)
+    elif q_len == kv_len:
+        return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, **kwargs)
+    else:
+        out = causal_attention(query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
+def seer_mask(*args, mask_function=causal_mask_function, attention_mask=None, **kwargs):
+    """Masks as for SDPA, except that an unpadded causal prompt gets none even when it continues
+    a (dynamic) cache: the attention function aligns causality to the last key itself, where
+    SDPA's mask for a chunk would be a [chunk, cache] tensor. A sliding window (``local_size``)
+    wider than every key so far is plain causality too."""
+    window, kv_length = kwargs.get("local_size"), kwargs.get("kv_length")
+    plain_causal = mask_function is causal_mask_function or (
+        window is not None
+        and kv_length is not None
+        and kwargs.get("kv_offset", 0) == 0
+        and kv_length <= window
+    )
+    if (
+        plain_causal
+        and kwargs.get("allow_is_causal_skip", True)
+        and (attention_mask is None or bool(attention_mask.all()))
+    ):
+        return None
+    return sdpa_mask(*args, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+
+
 AttentionInterface.register(ATTENTION_NAME, seer_attention_forward)
-# Masks as for SDPA: none at all for an unpadded causal prompt, so prefill sees attention_mask None.
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+# Prefill of an unpadded causal prompt sees attention_mask None, a chunk of one too.
+AttentionMaskInterface.register(ATTENTION_NAME, seer_mask)

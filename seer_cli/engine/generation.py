@@ -4,6 +4,7 @@
 after the device has finished its work.
 """
 
+import itertools
 import resource
 import sys
 import time
@@ -21,6 +22,11 @@ from transformers import (
 )
 
 from .placement import input_device, model_gpus
+
+ATTENTION_BLOCK = 64  # tokens per attention block: chunk boundaries fall on block edges
+# Prompt tokens per prefill chunk. On an H100 (8B config, 128k tokens) chunks of 8192 keep the
+# activations at ~1 GB beside the cache; see BENCHMARKS.md for the measured trade-off.
+DEFAULT_UBATCH_SIZE = 8192
 
 
 @dataclass
@@ -107,26 +113,63 @@ def _cpu_peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
 
 
-@torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, on_layer: Callable[[int, int], None] | None = None):
-    """Run the whole prompt once. Returns (logits of the last position [b, vocab], cache).
+def chunk_bounds(past: int, length: int, ubatch_size: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the chunks of a prompt of ``length`` tokens that continues ``past``
+    cached ones: at most ``ubatch_size`` tokens each (0: one chunk), a multiple of 64.
 
-    ``on_layer(done, total)`` is called as each decoder layer starts, for progress display.
+    Chunks end on multiples of 64 positions of the cache (the first is shorter when ``past`` is
+    not one), so each later chunk starts an attention block: its blocks, scores and kept tiles
+    are those of the whole prompt in one pass. A chunk of one token joins its neighbour: alone it
+    would be taken for a decode step.
     """
+    if ubatch_size < 0 or ubatch_size % ATTENTION_BLOCK:
+        raise ValueError(f"ubatch_size must be 0 or a multiple of 64, got {ubatch_size}.")
+    first_end = ubatch_size - past % ATTENTION_BLOCK
+    first_end += ubatch_size if first_end == 1 else 0
+    if ubatch_size == 0 or length <= first_end + 1:
+        return [(0, length)]
+    ends = [*range(first_end, length - 1, ubatch_size), length]
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+@torch.inference_mode()
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    on_layer: Callable[[int, int], None] | None = None,
+    *,
+    cache=None,
+    ubatch_size: int = 0,
+):
+    """Run the prompt through the model, in chunks of at most ``ubatch_size`` tokens against the
+    growing cache (0: one pass; see ``chunk_bounds``). Returns (logits of the last position
+    [b, vocab], cache).
+
+    ``cache``: a cache the prompt continues (a second question over the same document), or None
+    for a new one. ``on_layer(done, total)`` is called as each decoder layer starts, for
+    progress display (total: layers × chunks).
+    """
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    past, length = cache.get_seq_length(), input_ids.shape[1]
+    bounds = chunk_bounds(past, length, ubatch_size)
     layers = model.model.layers
     hooks = []
     if on_layer is not None:
-        for index, layer in enumerate(layers):
-            hooks.append(
-                layer.register_forward_pre_hook(lambda *_, done=index: on_layer(done, len(layers)))
-            )
+        starts, total = itertools.count(), len(layers) * len(bounds)
+        for layer in layers:
+            hooks.append(layer.register_forward_pre_hook(lambda *_: on_layer(next(starts), total)))
+    # Chunks tell seer's attention where the prompt ends (its budgets and dense last row).
+    extra = {"seer_prompt_end": past + length} if len(bounds) > 1 else {}
     try:
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for start, end in bounds:
+            out = model(
+                input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True,
+                logits_to_keep=1, **extra,
+            )  # fmt: skip
     finally:
         for hook in hooks:
             hook.remove()
-    return out.logits[:, -1], out.past_key_values
+    return out.logits[:, -1], cache
 
 
 @torch.inference_mode()
@@ -187,8 +230,10 @@ def generate(
     on_text: Callable[[str], None] = lambda text: None,
     on_prefill_layer: Callable[[int, int], None] | None = None,
     on_first_token: Callable[[], None] = lambda: None,
+    ubatch_size: int = 0,
 ) -> GenerationResult:
-    """Prefill ``prompt_ids``, then sample up to ``options.max_tokens`` tokens, streaming text.
+    """Prefill ``prompt_ids`` (in chunks of ``ubatch_size`` tokens, 0: one pass), then sample up
+    to ``options.max_tokens`` tokens, streaming text.
 
     Ctrl-C during decoding stops early and returns what was generated, marked interrupted.
     """
@@ -204,7 +249,7 @@ def generate(
 
     _synchronize(gpus)
     start = time.perf_counter()
-    logits, cache = prefill(model, input_ids, on_prefill_layer)
+    logits, cache = prefill(model, input_ids, on_prefill_layer, ubatch_size=ubatch_size)
     token = sampler(input_ids, logits)
     _synchronize(gpus)
     stats.prompt_ms = stats.ttft_ms = (time.perf_counter() - start) * 1000

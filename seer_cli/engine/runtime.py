@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .context import ContextSettings, ModelContext
 from .errors import SeerError
-from .generation import GenerationResult, SamplingOptions, generate
+from .generation import DEFAULT_UBATCH_SIZE, GenerationResult, SamplingOptions, generate
 from .models import load_model, resolve_model
 from .placement import Placement
 from .prompt import PromptTokens, build_prompt
@@ -22,7 +22,9 @@ class EngineOptions:
     the unmodified model's. ``context``: the context size and RoPE scaling of prompts past the
     native context. ``device_map`` (``auto``, ``balanced``, ``sequential``, a device or a
     ``{module name: device}`` map, as JSON text or a dict) and ``max_memory``
-    (``"0=70GiB,1=70GiB,cpu=100GiB"`` or a dict) spread the model over several devices."""
+    (``"0=70GiB,1=70GiB,cpu=100GiB"`` or a dict) spread the model over several devices.
+    ``ubatch_size``: prompts are prefilled in chunks of this many tokens (a multiple of 64; 0:
+    in one pass), which bounds the activations' memory."""
 
     model: str | None = None
     gates: str = "auto"
@@ -35,6 +37,7 @@ class EngineOptions:
     device_map: str | dict | None = None
     max_memory: str | dict | None = None
     context: ContextSettings = field(default_factory=ContextSettings)
+    ubatch_size: int = DEFAULT_UBATCH_SIZE
 
     @property
     def sparse(self) -> bool:
@@ -88,6 +91,7 @@ def model_shape(config) -> dict:
 
 class Engine:
     def __init__(self, model, tokenizer, name: str, sparse_prefill=None, context=None):
+        self.ubatch_size = DEFAULT_UBATCH_SIZE
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -105,6 +109,7 @@ class Engine:
             except ValueError as error:
                 raise SeerError(str(error)) from error
         options.context.check()
+        check_ubatch_size(options.ubatch_size)
         placement = Placement.parse(options.device_map, options.max_memory)
         device = pick_device(options.device, placement)
         dtype = pick_dtype(options.dtype, device)
@@ -121,7 +126,15 @@ class Engine:
             if min_tokens is None:
                 min_tokens = default_min_sparse_tokens(device, options.sparsity)
             sparse_prefill = SparsePrefill(model, policy, gates, min_tokens)
-        return cls(model, tokenizer, source.name, sparse_prefill, context)
+        else:
+            from .attention import ATTENTION_NAME
+
+            # Dense, as the model's own SDPA; but chunks attend to the cache without a
+            # [chunk, cache] mask.
+            model.set_attn_implementation(ATTENTION_NAME)
+        engine = cls(model, tokenizer, source.name, sparse_prefill, context)
+        engine.ubatch_size = options.ubatch_size
+        return engine
 
     @property
     def context_length(self) -> int:
@@ -154,12 +167,23 @@ class Engine:
         scaling = self.context.apply(len(prompt_ids) + options.max_tokens)
         if self.sparse_prefill is not None:
             self.sparse_prefill.stats.clear()
-        result = generate(self.model, self.tokenizer, prompt_ids, options, **callbacks)
+        result = generate(
+            self.model, self.tokenizer, prompt_ids, options, ubatch_size=self.ubatch_size,
+            **callbacks,
+        )  # fmt: skip
         result.stats.set_context(self.context.size, self.context.native, scaling)
         if self.sparse_prefill is not None:
             result.stats.sparsity = self.sparse_prefill.stats.overall()
             result.stats.sparsity_per_layer = self.sparse_prefill.stats.per_layer()
         return result
+
+
+def check_ubatch_size(ubatch_size: int) -> None:
+    if ubatch_size < 0 or ubatch_size % 64:
+        raise SeerError(
+            f"--ubatch-size must be 0 (one pass) or a multiple of 64 (the attention block), "
+            f"got {ubatch_size}."
+        )
 
 
 def resolve_gate_path(gates: str, model_name: str) -> str | None:

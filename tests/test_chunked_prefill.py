@@ -1,0 +1,208 @@
+"""Prefill in chunks (``--ubatch-size``) and prompts that continue a cache, on tiny models of
+every supported family: chunked equals one pass, dense and sparse, on the CPU path and through
+the Triton kernel where it can run."""
+
+import copy
+
+import pytest
+import torch
+from conftest import needs_kernel_device
+from seer_gates import MaskPolicy, pool_keys, save_gates
+from tiny_models import (
+    FAMILIES,
+    HEAD_DIM,
+    NUM_KV_HEADS,
+    gate_config,
+    random_ids,
+    save_tiny_model,
+    tiny_gates,
+    tiny_model,
+)
+from transformers import DynamicCache
+
+from seer_cli.engine.attention import ATTENTION_NAME, SparsePrefill
+from seer_cli.engine.errors import SeerError
+from seer_cli.engine.generation import SamplingOptions, chunk_bounds, decode_one_token, prefill
+from seer_cli.engine.past_keys import undo_rope
+from seer_cli.engine.runtime import Engine, EngineOptions
+
+# Prompt lengths around block edges, chunk sizes that split them several times.
+LENGTHS = [300, 449]
+UBATCHES = [64, 192]
+
+
+@pytest.fixture
+def attached():
+    """Attach SparsePrefill (sparse from the shortest prompt) and take it off after the test."""
+    prefills = []
+
+    def attach(model, policy, gates=None):
+        prefills.append(SparsePrefill(model, policy, gates, min_tokens=0))
+        return prefills[-1]
+
+    yield attach
+    for sparse in prefills:
+        sparse.detach()
+
+
+def last_logits(model, ids, ubatch_size=0, cache=None):
+    return prefill(model, ids, cache=cache, ubatch_size=ubatch_size)[0]
+
+
+# ---------------------------------------------------------------- chunk boundaries
+
+
+def test_chunks_end_on_block_edges_of_the_cache():
+    assert chunk_bounds(0, 300, 0) == [(0, 300)]
+    assert chunk_bounds(0, 300, 512) == [(0, 300)]
+    assert chunk_bounds(0, 300, 128) == [(0, 128), (128, 256), (256, 300)]
+    # A prompt continuing 70 cached tokens: the first chunk ends at position 128.
+    assert chunk_bounds(70, 300, 64) == [(0, 58), (58, 122), (122, 186), (186, 250), (250, 300)]
+    # No chunk of one token, which would be taken for a decode step.
+    assert chunk_bounds(0, 449, 64)[-1] == (384, 449)
+    assert chunk_bounds(63, 200, 64)[0] == (0, 65)
+
+
+@pytest.mark.parametrize("ubatch_size", [-64, 100])
+def test_chunk_size_must_be_a_multiple_of_the_block(ubatch_size):
+    with pytest.raises(ValueError, match="multiple of 64"):
+        chunk_bounds(0, 300, ubatch_size)
+
+
+# ---------------------------------------------------------------- dense
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", ATTENTION_NAME])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_in_chunks_equals_one_pass(family, implementation):
+    model = tiny_model(family)
+    model.set_attn_implementation(implementation)
+    ids = random_ids(LENGTHS[1])
+    whole = last_logits(model, ids)
+    for ubatch_size in UBATCHES:
+        torch.testing.assert_close(last_logits(model, ids, ubatch_size), whole)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prompt_continuing_a_cache_equals_one_pass(family):
+    """A second question over the same document: its prompt extends the document's cache, at
+    a position inside a block, with decode steps in between."""
+    model = tiny_model(family)
+    model.set_attn_implementation(ATTENTION_NAME)
+    ids = random_ids(400)
+    with torch.inference_mode():
+        _, cache = prefill(model, ids[:, :250])
+        decode_one_token(model, ids[:, 250:251], cache)
+        continued = last_logits(model, ids[:, 251:], ubatch_size=64, cache=cache)
+    torch.testing.assert_close(continued, last_logits(model, ids))
+
+
+# ---------------------------------------------------------------- sparse
+
+
+def everything_kept():
+    """Every causal block through the sparse path: a gate's probabilities are all above 0."""
+    return MaskPolicy(threshold=0.0, dense_last_row=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_in_chunks_with_every_block_kept_equals_dense(family, attached):
+    model = tiny_model(family)
+    ids = random_ids(LENGTHS[0])
+    dense = last_logits(model, ids)
+    sparse = attached(model, everything_kept(), tiny_gates(model))
+    for ubatch_size in UBATCHES:
+        torch.testing.assert_close(last_logits(model, ids, ubatch_size), dense)
+    assert sparse.stats.overall() == 0.0
+
+
+@pytest.mark.parametrize("gates", ["trained", "pooled"])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_sparse_in_chunks_equals_one_pass(length, gates, attached):
+    """Chunks on block edges score, keep and compute exactly the tiles of one pass."""
+    model = tiny_model("llama")
+    ids = random_ids(length)
+    policy = MaskPolicy(sparsity=0.6)
+    sparse = attached(model, policy, tiny_gates(model) if gates == "trained" else None)
+    whole = last_logits(model, ids)
+    whole_kept, total = dict(sparse.stats.kept), dict(sparse.stats.total)
+    for ubatch_size in UBATCHES:
+        sparse.stats.clear()
+        torch.testing.assert_close(last_logits(model, ids, ubatch_size), whole)
+        assert sparse.stats.total == total
+        assert {layer: int(kept) for layer, kept in sparse.stats.kept.items()} == {
+            layer: int(kept) for layer, kept in whole_kept.items()
+        }
+    assert sparse.stats.overall() > 0.15  # blocks were skipped
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("policy", [MaskPolicy(sparsity=0.6), everything_kept()], ids=str)
+def test_triton_kernel_in_chunks_matches_the_reference_path(policy, attached, monkeypatch):
+    model = tiny_model("qwen2")
+    ids = random_ids(LENGTHS[1])
+    attached(model, policy, tiny_gates(model))
+    reference = last_logits(model, ids, ubatch_size=128)
+    monkeypatch.setenv("SEER_ATTENTION_KERNEL", "triton")
+    torch.testing.assert_close(last_logits(model, ids, ubatch_size=128), reference)
+
+
+def test_sparse_continuation_after_decode_steps_with_every_block_kept(attached):
+    """Keys of decode steps were never seen by the gate; they are recovered from the cache."""
+    model = tiny_model("qwen3")
+    ids = random_ids(400)
+    dense = last_logits(model, ids)
+    attached(model, everything_kept(), tiny_gates(model))
+    with torch.inference_mode():
+        _, cache = prefill(model, ids[:, :250])
+        decode_one_token(model, ids[:, 250:251], cache)
+        # A copy of the cache has no pooled keys of its own: all are recovered.
+        copied = last_logits(model, ids[:, 251:], cache=copy.deepcopy(cache))
+        continued = last_logits(model, ids[:, 251:], ubatch_size=64, cache=cache)
+    torch.testing.assert_close(continued, dense)
+    torch.testing.assert_close(copied, dense)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_undoing_rope_recovers_the_pre_rope_keys(family):
+    model = tiny_model(family)
+    attention = model.model.layers[0].self_attn
+    pre_rope = {}
+    source = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
+    source.register_forward_hook(lambda module, inputs, output: pre_rope.setdefault("k", output))
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=random_ids(200), past_key_values=cache, use_cache=True)
+    keys = pre_rope["k"].view(1, 200, NUM_KV_HEADS, HEAD_DIM)
+    recovered = undo_rope(model, cache.layers[0].keys[:, :, 70:], start=70)
+    torch.testing.assert_close(recovered, keys[:, 70:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool_keys(recovered), pool_keys(keys[:, 70:]))
+
+
+# ---------------------------------------------------------------- engine
+
+
+def test_engine_generates_the_same_in_chunks(tmp_path):
+    folder = save_tiny_model("mistral", tmp_path / "tiny-mistral")
+    model = tiny_model("mistral")
+    gate_file = tmp_path / "gates.safetensors"
+    save_gates(gate_file, tiny_gates(model), gate_config(model, base_model="tiny-mistral"))
+    prompt = random_ids(500)[0].tolist()
+    results = {}
+    for ubatch_size in (0, 128):
+        for sparsity in (None, 0.7):
+            options = EngineOptions(
+                model=str(folder), gates=str(gate_file), sparsity=sparsity,
+                ubatch_size=ubatch_size, sparse_min_tokens=0,
+            )  # fmt: skip
+            result = Engine.load(options).generate(prompt, SamplingOptions(max_tokens=6))
+            results[ubatch_size, sparsity] = (result.text, result.stats.sparsity)
+    assert results[128, None] == results[0, None]
+    assert results[128, 0.7] == results[0, 0.7]
+    assert results[0, 0.7][1] > 0.3
+
+
+@pytest.mark.parametrize("ubatch_size", [-64, 100])
+def test_engine_refuses_a_chunk_size_off_the_block(ubatch_size):
+    with pytest.raises(SeerError, match="multiple of 64"):
+        Engine.load(EngineOptions(ubatch_size=ubatch_size))
