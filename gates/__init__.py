@@ -16,6 +16,7 @@ from .files import (
     load_gates,
     save_gates,
 )
+from .fused import gate_block_lists, pooled_block_lists
 from .gate import (
     AttnGate,
     apply_rotary,
@@ -46,10 +47,12 @@ __all__ = [
     "build_gates",
     "check_fits",
     "default_rotary",
+    "gate_block_lists",
     "kept_causal_blocks",
     "load_gates",
     "pool_keys",
     "pool_queries",
+    "pooled_block_lists",
     "pooled_qk_scores",
     "save_gates",
     "select_block_lists",

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Long context on the default model (SmolLM2-135M-Instruct) on one GPU: gates distilled at 32768
+# tokens under YaRN ×4 (original 8192), then `seer eval` on the held-out novel (pg2641, never
+# seen by any gates) at 32768 tokens with the new and the shipped gates, and at the native 8192
+# tokens with both, so that one can tell whether one gate file serves both contexts.
+#
+# Run from the repository root on the GPU machine, with the default model where `seer` finds
+# it (or MODEL=/path/to/model, passed as --model) and the novels in BOOKS (default
+# ../shared/data/books, else shared/data/books). Everything goes to OUT (default ./out): the new
+# gate file, each step's JSON output and stderr log; a short table is printed last.
+# Expected on an H100 (estimates): scaling about 1.5 minutes, distill about 3, eval32k about 3,
+# eval8k under 1; each stage alone fits a 10-minute call.
+#
+#   bash benchmarks/long_context_gpu.sh            # all stages
+#   bash benchmarks/long_context_gpu.sh distill    # one stage: scaling, distill, eval32k, eval8k,
+#                                                  # table
+#
+# LONG, NATIVE, STEPS and DISTILL_WINDOWS (default: all) shrink the run for a smoke test on the
+# CPU with a tiny model, e.g. MODEL=tiny-llama LONG=2048 NATIVE=1024 STEPS=2 DISTILL_WINDOWS=4.
+set -euo pipefail
+
+OUT=${OUT:-$PWD/out}
+BOOKS=${BOOKS:-../shared/data/books}
+[ -d "$BOOKS" ] || BOOKS=shared/data/books
+LONG=${LONG:-32768}
+NATIVE=${NATIVE:-8192}
+STEPS=${STEPS:-1000}
+MODEL_ARGS=()
+[ -n "${MODEL:-}" ] && MODEL_ARGS=(--model "$MODEL")
+WINDOW_ARGS=()
+[ -n "${DISTILL_WINDOWS:-}" ] && WINDOW_ARGS=(--max-windows "$DISTILL_WINDOWS")
+# Stated explicitly, so that a model given by path (whose name is not the default's) gets the
+# same extension as the default model's defaults: YaRN ×4 from 8192.
+EXTENSION=(--ctx-size "$LONG" --rope-scaling yarn --rope-scale $((LONG / NATIVE))
+           --yarn-orig-ctx "$NATIVE")
+NEW_GATES=$OUT/SmolLM2-135M-Instruct-32k.safetensors
+SHIPPED_GATES=${SHIPPED_GATES:-gates/pretrained/SmolLM2-135M-Instruct.safetensors}
+THRESHOLDS=0.5,1,2
+mkdir -p "$OUT"
+
+# Without an installed package, import the folders under their package names.
+if ! python3 -c 'import seer_cli, seer_gates, seer_kernels' 2>/dev/null; then
+  mkdir -p /tmp/pkgs
+  ln -sfn "$PWD/kernels" /tmp/pkgs/seer_kernels
+  ln -sfn "$PWD/gates" /tmp/pkgs/seer_gates
+  ln -sfn "$PWD/seer_cli" /tmp/pkgs/seer_cli
+  export PYTHONPATH=/tmp/pkgs${PYTHONPATH:+:$PYTHONPATH}
+fi
+seer() { python3 -c 'import sys; from seer_cli.app import main; sys.argv[0] = "seer"; main()' "$@"; }
+
+# step NAME ARGS...: one seer command, JSON to $OUT/NAME.json, stderr to $OUT/NAME.log, timed.
+step() {
+  local name=$1
+  shift
+  echo "== $name" >&2
+  local start=$SECONDS
+  seer "$@" > "$OUT/$name.json" 2> "$OUT/$name.log" || { tail -5 "$OUT/$name.log" >&2; return 1; }
+  echo "   $((SECONDS - start)) s" >&2
+}
+
+scaling() {
+  # Dense tail perplexity at 32k under a few scalings against the native 8k on the same tokens
+  # (the context task alone), to choose the extension's defaults by measurement.
+  local settings=("yarn 4 $NATIVE" "yarn 5 $NATIVE" "yarn 8 $((NATIVE / 2))" "linear 4 -")
+  for setting in "${settings[@]}"; do
+    read -r kind scale original <<< "$setting"
+    local flags=(--ctx-size "$LONG" --rope-scaling "$kind" --rope-scale "$scale")
+    [ "$original" != - ] && flags+=(--yarn-orig-ctx "$original")
+    step "scaling-$kind-x$scale" eval "${MODEL_ARGS[@]}" --gates "$SHIPPED_GATES" \
+      --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${flags[@]}" --max-windows 3 \
+      --tasks context --json
+  done
+}
+
+distill() {
+  step distill distill "${MODEL_ARGS[@]}" \
+    --data "$BOOKS/pg1342.txt" --data "$BOOKS/pg2701.txt" --data "$BOOKS/pg37106.txt" \
+    --seq-len "$LONG" "${EXTENSION[@]}" --steps "$STEPS" --batch-size 8 "${WINDOW_ARGS[@]}" \
+    --out "$NEW_GATES" --overwrite
+}
+
+eval32k() {
+  # Everything at 32k with the new gates: context baseline, perplexity, recall, passkey.
+  step eval32k-new eval "${MODEL_ARGS[@]}" --gates "$NEW_GATES" \
+    --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${EXTENSION[@]}" --max-windows 3 \
+    --sparsities 0.9,0.95,0.97 --thresholds "$THRESHOLDS" \
+    --depths 0.1,0.3,0.5,0.7,0.9 --trials 2 --passkey-sparsities 0.9 --json
+  # The shipped (8k, unscaled) gates on the same windows: perplexity only.
+  step eval32k-shipped eval "${MODEL_ARGS[@]}" --gates "$SHIPPED_GATES" \
+    --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${EXTENSION[@]}" --max-windows 3 \
+    --sparsities 0.9,0.95,0.97 --thresholds "$THRESHOLDS" --tasks perplexity --json
+}
+
+eval8k() {
+  # Native context (unscaled RoPE): the new gates against the shipped ones.
+  for which in new shipped; do
+    local gates=$NEW_GATES
+    [ "$which" = shipped ] && gates=$SHIPPED_GATES
+    step "eval8k-$which" eval "${MODEL_ARGS[@]}" --gates "$gates" \
+      --data "$BOOKS/pg2641.txt" --seq-len "$NATIVE" "${EXTENSION[@]}" --max-windows 3 \
+      --sparsities 0.5,0.8,0.9 --thresholds "$THRESHOLDS" --tasks perplexity --json
+  done
+}
+
+table() {
+  python3 - "$OUT" <<'EOF'
+import json, pathlib, sys
+
+out = pathlib.Path(sys.argv[1])
+
+
+def load(name):
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
+
+
+distill = load("distill")
+if distill:
+    print(f"\ndistill: {distill.get('train_windows')} + {distill.get('val_windows')} windows of "
+          f"{distill.get('seq_len')}, {distill.get('minutes')} min (harvest "
+          f"{distill.get('harvest_minutes')} min, peak {distill.get('peak_memory_gb')} GB), "
+          f"scaling {distill.get('rope_scaling')}, val recall@0.9 {distill.get('val_recall'):.3f} "
+          f"(oracle {distill.get('val_oracle_recall'):.3f})")
+names = sorted(path.stem for path in out.glob("scaling-*.json"))
+for name in names + ["eval32k-new", "eval32k-shipped", "eval8k-new", "eval8k-shipped"]:
+    report = load(name)
+    if not report:
+        continue
+    print(f"\n{name}: {report['windows']} × {report['seq_len']} tokens, tail "
+          f"{report.get('tail_tokens')}, {report['device']} {report['dtype']}")
+    for row in report.get("context", []):
+        delta = row.get("delta_percent")
+        print(f"  context: {row['label']}, RoPE {row['rope']}: {row['perplexity']:.3f}"
+              + ("" if delta is None else f"  {delta:+.1f} %"))
+    if report.get("perplexity"):
+        print("  | policy | setting | achieved | perplexity | Δ vs dense |")
+    for row in report.get("perplexity", []):
+        setting = (f"s={row['sparsity']:.2f}" if row["sparsity"] is not None
+                   else f"τ={row['threshold']:g}" if row["threshold"] is not None else "—")
+        delta = "—" if row["delta_percent"] is None else f"{row['delta_percent']:+.1f} %"
+        print(f"  | {row['policy']} | {setting} | {row['achieved_sparsity']:.3f} | "
+              f"{row['perplexity']:.3f} | {delta} |")
+    for row in report.get("recall", []):
+        print(f"  recall s={row['sparsity']:.2f}: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in row["recall"].items()))
+    scores = {}
+    for row in report.get("passkey", []):
+        key = row["policy"] + ("" if row["sparsity"] is None else f" s={row['sparsity']:.2f}")
+        got, total = scores.get(key, (0, 0))
+        scores[key] = (got + row["correct"], total + row["trials"])
+    if scores:
+        print(f"  passkey ({report.get('passkey_tokens')} tokens): "
+              + ", ".join(f"{k} {c}/{t}" for k, (c, t) in scores.items()))
+EOF
+}
+
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(scaling distill eval32k eval8k table)
+for stage in "${stages[@]}"; do
+  "$stage"
+done
