@@ -1,6 +1,9 @@
 """Attention kernels of seer (import name ``seer_kernels``).
 
 - :func:`block_sparse_attention`: causal FlashAttention over the kept 64×64 tiles only (Triton).
+- :func:`gate_block_features` / :func:`pooled_block_features` and
+  :func:`block_lists_from_features`: gate scoring and block selection straight to the lists the
+  block-sparse kernel takes, in two launches (Triton).
 - :func:`pooled_attention`: dense causal FlashAttention that also returns the row-normalized,
   max-pooled block attention map used as the self-distillation target (Triton).
 - ``*_reference``: the same functions in plain PyTorch, for tests and for machines without a GPU.
@@ -12,17 +15,21 @@ from .block_sparse import (
     block_sparse_attention_from_lists,
     kept_block_indices,
 )
+from .gate_select import block_lists_from_features, gate_block_features, pooled_block_features
 from .pooled import pooled_attention
 from .reference import block_sparse_attention_reference, pooled_attention_reference
 
 __all__ = [
     "BLOCK",
+    "block_lists_from_features",
     "block_sparse_attention",
     "block_sparse_attention_from_lists",
     "block_sparse_attention_reference",
+    "gate_block_features",
     "interpreting",
     "kept_block_indices",
     "num_blocks",
     "pooled_attention",
     "pooled_attention_reference",
+    "pooled_block_features",
 ]

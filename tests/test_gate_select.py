@@ -1,0 +1,171 @@
+"""Fused gate scoring and block selection (Triton) against the PyTorch gate and policies.
+
+The kept blocks must be identical: random inputs have no ties, and the kernels compute the
+gate's logits to float32 accuracy. Runs under TRITON_INTERPRET=1 (float32/float16) and on a
+GPU (float16/bfloat16).
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, needs_kernel_device
+from seer_gates import (
+    AttnGate,
+    MaskPolicy,
+    block_rope_tables,
+    default_rotary,
+    gate_block_lists,
+    pool_keys,
+    pool_queries,
+    pooled_block_lists,
+    pooled_qk_scores,
+    select_blocks,
+)
+from seer_kernels import block_lists_from_features, gate_block_features, gate_select, num_blocks
+
+pytestmark = needs_kernel_device
+
+# (seq_len, q_heads, kv_heads, head_dim, gate hidden, query linear) and the policies each runs:
+# the published rule (h == d, no query linear) and gates with a query linear; GQA 1 and 3.
+GATE_CASES = [
+    ((1, 2, 2, 64, 64, False), ["top-k 0.5"]),
+    ((65, 3, 1, 64, 128, True), ["top-k 0.5", "threshold, no sink"]),
+    ((1000, 3, 1, 128, 128, False), ["top-k 0.9, nothing forced", "threshold"]),
+    ((700, 2, 2, 128, 64, True), ["top-k 0.9", "threshold"]),
+]
+POLICIES = {
+    "top-k 0.5": MaskPolicy(sparsity=0.5),
+    "top-k 0.9": MaskPolicy(sparsity=0.9),
+    "top-k 0.9, nothing forced": MaskPolicy(sparsity=0.9, keep_sink=False, dense_last_row=False),
+    "threshold": MaskPolicy(threshold=1.0),
+    "threshold, no sink": MaskPolicy(threshold=2.0, keep_sink=False, dense_last_row=False),
+}
+
+
+def case_id(shape) -> str:
+    s, hq, hkv, d, h, q_linear = shape
+    return f"s{s}-hq{hq}-hkv{hkv}-d{d}-h{h}" + ("-qlinear" if q_linear else "")
+
+
+def gate_inputs(shape, dtype, batch=1, seed=0):
+    s, hq, hkv, d, h, q_linear = shape
+    torch.manual_seed(seed)
+    gate = AttnGate(hq, hkv, d, h, force_double=q_linear and h == d).to(KERNEL_DEVICE)
+    assert (gate.mask_linear_q is not None) == q_linear
+    q = torch.randn(batch, s, hq, d).to(KERNEL_DEVICE, dtype)
+    k = torch.randn(batch, s, hkv, d).to(KERNEL_DEVICE, dtype)
+    cos, sin = block_rope_tables(default_rotary(h), num_blocks(s), 64, batch, KERNEL_DEVICE)
+    return gate, q, k, cos, sin
+
+
+def reference_mask(gate, q, k, cos, sin, policy):
+    with torch.no_grad():
+        scores = gate(q, k, cos, sin, probabilities=policy.threshold is not None)
+    return select_blocks(scores, policy)
+
+
+def lists_to_mask(indices, counts, keys):
+    """Kept blocks [b, H, n, keys] of per-row lists; checks each row is ascending below its
+    diagonal (so no block is listed twice)."""
+    b, h, n, width = indices.shape
+    assert bool((counts >= 0).all()) and bool((counts <= width).all())
+    listed = torch.arange(width, device=indices.device) < counts[..., None]
+    rows = keys - n + torch.arange(n, device=indices.device)
+    cols = torch.where(listed, indices.long(), -1)
+    assert bool((cols < rows[:, None]).all()), "a listed block is not below the diagonal"
+    ascending = (cols[..., 1:] > cols[..., :-1]) | ~listed[..., 1:]
+    assert bool(ascending.all()), "a row lists its blocks out of order or twice"
+    mask = torch.zeros(b, h, n, keys + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, torch.where(listed, indices.long(), keys), True)
+    return mask[..., :keys] | (rows[:, None] == torch.arange(keys, device=indices.device))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("shape", "policy_name"),
+    [(shape, name) for shape, names in GATE_CASES for name in names],
+    ids=lambda x: case_id(x) if isinstance(x, tuple) else x.replace(" ", ""),
+)
+def test_fused_gate_keeps_the_blocks_of_the_pytorch_path(shape, policy_name, dtype):
+    policy = POLICIES[policy_name]
+    gate, q, k, cos, sin = gate_inputs(shape, dtype, batch=2 if shape[0] == 65 else 1)
+    indices, counts = gate_block_lists(gate, q, k, cos, sin, policy)
+    expected = reference_mask(gate, q, k, cos, sin, policy)
+    torch.testing.assert_close(lists_to_mask(indices, counts, num_blocks(shape[0])), expected)
+
+
+@pytest.mark.parametrize("policy_name", ["top-k 0.5", "threshold"])
+def test_fused_pooled_estimator_keeps_the_blocks_of_the_pytorch_path(policy_name):
+    policy = POLICIES[policy_name]
+    torch.manual_seed(1)
+    q = torch.randn(1, 6, 900, 64).to(KERNEL_DEVICE, KERNEL_DTYPES[-1])
+    k = torch.randn(1, 2, 900, 64).to(KERNEL_DEVICE, KERNEL_DTYPES[-1])
+    indices, counts = pooled_block_lists(q, k, policy)
+    expected = select_blocks(pooled_qk_scores(q, k), policy)
+    torch.testing.assert_close(lists_to_mask(indices, counts, num_blocks(900)), expected)
+    # A chunk of queries starting inside block 5, in a prompt of 20 blocks.
+    indices, counts = pooled_block_lists(q[:, :, 350:], k, policy, total_blocks=20)
+    expected = select_blocks(pooled_qk_scores(q[:, :, 350:], k), policy, 20)
+    torch.testing.assert_close(lists_to_mask(indices, counts, num_blocks(900)), expected)
+
+
+@pytest.mark.parametrize("policy_name", ["top-k 0.9", "threshold"])
+@pytest.mark.parametrize("pooled", [False, True], ids=["raw-keys", "pooled-keys"])
+def test_a_chunk_of_queries_keeps_the_blocks_of_the_pytorch_path(policy_name, pooled):
+    """Queries that are the last positions of the keys (a chunk of a prompt, or a prompt
+    continuing a cache), starting inside a block or on one; the keys raw or pooled already."""
+    policy = POLICIES[policy_name]
+    gate, q, k, cos, sin = gate_inputs((1000, 3, 1, 64, 128, True), KERNEL_DTYPES[0])
+    for start, end, total in ((320, 1000, 16), (300, 1000, 16), (250, 560, 16)):
+        chunk, keys = q[:, start:end], k[:, :end]
+        key_input = pool_keys(keys) if pooled else keys
+        lists = gate_block_lists(gate, chunk, key_input, cos, sin, policy, total,
+                                 key_tokens=end if pooled else None)  # fmt: skip
+        with torch.no_grad():
+            nb = num_blocks(end)
+            logits = gate.logits(pool_queries(chunk, start=start), pool_keys(keys), cos[:, :nb],
+                                 sin[:, :nb])  # fmt: skip
+        scores = logits.softmax(-1) if policy.threshold is not None else logits
+        expected = select_blocks(scores, policy, total)
+        torch.testing.assert_close(lists_to_mask(*lists, nb), expected)
+
+
+def test_selection_in_several_passes_per_work_item(monkeypatch):
+    """Rows selected a few at a time (as at long lengths on the GPU) and more work items than
+    programs keep the same blocks."""
+    monkeypatch.setattr(gate_select, "SELECT_ELEMENTS", 64)
+    monkeypatch.setattr(gate_select, "_program_slots", lambda device: 2)
+    shape = (2100, 2, 1, 64, 64, False)
+    gate, q, k, cos, sin = gate_inputs(shape, KERNEL_DTYPES[0])
+    for policy in (POLICIES["top-k 0.9"], POLICIES["threshold"]):
+        indices, counts = gate_block_lists(gate, q, k, cos, sin, policy)
+        expected = reference_mask(gate, q, k, cos, sin, policy)
+        torch.testing.assert_close(lists_to_mask(indices, counts, num_blocks(2100)), expected)
+
+
+def test_the_features_are_the_gates_own_logits():
+    gate, q, k, cos, sin = gate_inputs((200, 3, 1, 64, 128, True), torch.float32)
+    qf, kf = gate_block_features(
+        q, k, gate.mask_linear_k.weight, cos, sin, gate.mask_linear_q.weight
+    )
+    logits = torch.einsum("bhic,bhjc->bhij", qf, kf.repeat_interleave(3, dim=1)) / math.sqrt(128)
+    with torch.no_grad():
+        expected = gate(q, k, cos, sin, probabilities=False)
+    causal = torch.ones(4, 4, dtype=torch.bool, device=q.device).tril()
+    torch.testing.assert_close(logits[..., causal], expected[..., causal], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arguments_raise_one_sentence():
+    qf = torch.zeros(1, 2, 4, 64, device=KERNEL_DEVICE)
+    budgets = torch.ones(4, dtype=torch.int32, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="either row budgets or a threshold"):
+        block_lists_from_features(qf, qf, budgets=budgets, threshold=0.1)
+    with pytest.raises(ValueError, match="do not fit"):
+        block_lists_from_features(qf, qf[:, :, :2], threshold=0.1)
+    with pytest.raises(ValueError, match="int32"):
+        block_lists_from_features(qf, qf, budgets=budgets.long())
+    gate, q, k, cos, sin = gate_inputs((100, 2, 2, 64, 64, False), torch.float32)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        gate_block_features(q[..., :48], k[..., :48], gate.mask_linear_k.weight[:, :144], cos,
+                            sin)  # fmt: skip
