@@ -57,6 +57,17 @@ SparseMinTokens = Annotated[
         "crossover, 16384 tokens, or 32768 below sparsity 0.8; on the CPU 0).",
     ),
 ]
+UbatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--ubatch-size",
+        "-ub",
+        envvar="SEER_UBATCH_SIZE",
+        help="Prefill long prompts in chunks of this many tokens against the growing cache, "
+        "which bounds the memory of activations (a multiple of 64; 0: in one pass; "
+        "default 8192).",
+    ),
+]
 Device = Annotated[str, typer.Option("--device", envvar="SEER_DEVICE", help="auto, cpu or cuda.")]
 DeviceMap = Annotated[
     str | None,

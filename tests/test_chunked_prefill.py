@@ -3,6 +3,7 @@ every supported family: chunked equals one pass, dense and sparse, on the CPU pa
 the Triton kernel where it can run."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -206,3 +207,27 @@ def test_engine_generates_the_same_in_chunks(tmp_path):
 def test_engine_refuses_a_chunk_size_off_the_block(ubatch_size):
     with pytest.raises(SeerError, match="multiple of 64"):
         Engine.load(EngineOptions(ubatch_size=ubatch_size))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_generate_takes_a_ubatch_size(tmp_path):
+    from typer.testing import CliRunner
+
+    from seer_cli.app import app
+
+    folder = save_tiny_model("llama", tmp_path / "tiny-llama")
+    document = tmp_path / "doc.txt"
+    document.write_text("All work and no play. " * 20)
+
+    def generate(*flags):
+        args = ["generate", "--model", str(folder), "-f", str(document), "-p", "Go on."]
+        return CliRunner().invoke(app, [*args, "-n", "4", "--json", *flags])
+
+    one_pass, chunked = generate("-ub", "0"), generate("--ubatch-size", "128")
+    assert one_pass.exit_code == chunked.exit_code == 0, chunked.stderr
+    assert json.loads(chunked.stdout)["text"] == json.loads(one_pass.stdout)["text"]
+    refused = generate("-ub", "100")
+    assert refused.exit_code == 1 and not refused.stdout
+    assert "--ubatch-size must be 0 (one pass) or a multiple of 64" in refused.stderr

@@ -95,6 +95,7 @@ def batch(
     gates: opt.Gates = "auto",
     sparsity: opt.Sparsity = None,
     sparse_min_tokens: opt.SparseMinTokens = None,
+    ubatch_size: opt.UbatchSize = None,
     threshold: opt.Threshold = None,
     dense: opt.Dense = False,
     device: opt.Device = "auto",
@@ -137,7 +138,7 @@ def batch(
                 EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
                               dense=dense, device=device, dtype=dtype, device_map=device_map,
                               sparse_min_tokens=sparse_min_tokens, max_memory=max_memory,
-                              context=context)
+                              ubatch_size=ubatch_size, context=context)
             )  # fmt: skip
             sampling = SamplingOptions(
                 max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed

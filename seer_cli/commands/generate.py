@@ -26,6 +26,7 @@ def generate(
     gates: opt.Gates = "auto",
     sparsity: opt.Sparsity = None,
     sparse_min_tokens: opt.SparseMinTokens = None,
+    ubatch_size: opt.UbatchSize = None,
     threshold: opt.Threshold = None,
     dense: opt.Dense = False,
     device: opt.Device = "auto",
@@ -71,7 +72,7 @@ def generate(
         EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
                       dense=dense, device=device, dtype=dtype, device_map=device_map,
                       sparse_min_tokens=sparse_min_tokens, max_memory=max_memory,
-                      context=context)
+                      ubatch_size=ubatch_size, context=context)
     )  # fmt: skip
     tokens = engine.prompt(
         document=document.text if document else None, instruction=prompt, system=system,

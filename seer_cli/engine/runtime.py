@@ -24,7 +24,8 @@ class EngineOptions:
     ``{module name: device}`` map, as JSON text or a dict) and ``max_memory``
     (``"0=70GiB,1=70GiB,cpu=100GiB"`` or a dict) spread the model over several devices.
     ``ubatch_size``: prompts are prefilled in chunks of this many tokens (a multiple of 64; 0:
-    in one pass), which bounds the activations' memory."""
+    in one pass; None: ``generation.DEFAULT_UBATCH_SIZE``), which bounds the activations'
+    memory."""
 
     model: str | None = None
     gates: str = "auto"
@@ -37,7 +38,7 @@ class EngineOptions:
     device_map: str | dict | None = None
     max_memory: str | dict | None = None
     context: ContextSettings = field(default_factory=ContextSettings)
-    ubatch_size: int = DEFAULT_UBATCH_SIZE
+    ubatch_size: int | None = None
 
     @property
     def sparse(self) -> bool:
@@ -109,7 +110,9 @@ class Engine:
             except ValueError as error:
                 raise SeerError(str(error)) from error
         options.context.check()
-        check_ubatch_size(options.ubatch_size)
+        ubatch_size = options.ubatch_size
+        ubatch_size = DEFAULT_UBATCH_SIZE if ubatch_size is None else ubatch_size
+        check_ubatch_size(ubatch_size)
         placement = Placement.parse(options.device_map, options.max_memory)
         device = pick_device(options.device, placement)
         dtype = pick_dtype(options.dtype, device)
@@ -133,7 +136,7 @@ class Engine:
             # [chunk, cache] mask.
             model.set_attn_implementation(ATTENTION_NAME)
         engine = cls(model, tokenizer, source.name, sparse_prefill, context)
-        engine.ubatch_size = options.ubatch_size
+        engine.ubatch_size = ubatch_size
         return engine
 
     @property
