@@ -14,6 +14,7 @@ from .files import (
     build_gates,
     check_fits,
     load_gates,
+    read_gate_config,
     save_gates,
 )
 from .fused import gate_block_lists, pooled_block_lists
@@ -50,6 +51,7 @@ __all__ = [
     "gate_block_lists",
     "kept_causal_blocks",
     "load_gates",
+    "read_gate_config",
     "pool_keys",
     "pool_queries",
     "pooled_block_lists",

@@ -24,23 +24,36 @@ class PrefillProgress:
 
     def __init__(self, enabled: bool):
         self._progress = Progress(
-            TextColumn("prefill"), BarColumn(), TextColumn("layer {task.completed}/{task.total}"),
+            TextColumn("{task.description}"), BarColumn(),
+            TextColumn("layer {task.completed}/{task.total}"),
             TimeElapsedColumn(), console=stderr, transient=True,
             disable=not (enabled and stderr.is_terminal),
         )  # fmt: skip
         self._task = None
 
     def __enter__(self):
+        from seer_kernels.tuning import set_tuning_notifier
+
+        set_tuning_notifier(self.note)  # a first run on a new GPU tunes kernels: say so
         self._progress.start()
         return self
 
     def __exit__(self, *exc):
+        from seer_kernels.tuning import set_tuning_notifier
+
+        set_tuning_notifier(None)
         self.stop()
 
     def layer_started(self, done: int, total: int) -> None:
         if self._task is None:
             self._task = self._progress.add_task("prefill", total=total)
-        self._progress.update(self._task, completed=done)
+        self._progress.update(self._task, completed=done, total=total, description="prefill")
+
+    def note(self, message: str) -> None:
+        """Show ``message`` in place of the bar's label until the next layer starts."""
+        if self._task is None:
+            self._task = self._progress.add_task(message, total=None)
+        self._progress.update(self._task, description=message)
 
     def stop(self) -> None:
         if self._progress.live.is_started:

@@ -20,10 +20,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("SEER_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seer"
-    )
-    return Path(base)
+    from seer_kernels.tuning import seer_cache_dir
+
+    return seer_cache_dir()
 
 
 @dataclass(frozen=True)

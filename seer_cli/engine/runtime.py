@@ -1,12 +1,12 @@
 """Loading a model with its gates once, then generating: the core of the engine's API."""
 
-import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .context import ContextSettings, ModelContext
 from .errors import SeerError
 from .generation import DEFAULT_UBATCH_SIZE, GenerationResult, SamplingOptions, generate
+from .identity import describe, find_shipped_gates, model_identity
 from .models import load_model, resolve_model
 from .placement import Placement
 from .prompt import PromptTokens, build_prompt
@@ -19,10 +19,10 @@ DEVICES = ("auto", "cpu", "cuda")
 class EngineOptions:
     """``gates``: a gate file or published folder, ``auto`` (the gates shipped for the model) or
     ``pooled`` (training-free). With neither sparsity nor threshold, or ``dense``, attention is
-    the unmodified model's. ``context``: the context size and RoPE scaling of prompts past the
-    native context. ``device_map`` (``auto``, ``balanced``, ``sequential``, a device or a
-    ``{module name: device}`` map, as JSON text or a dict) and ``max_memory``
+    the unmodified model's. ``device_map`` (``auto``, ``balanced``, ``sequential``, a device or
+    a ``{module name: device}`` map, as JSON text or a dict) and ``max_memory``
     (``"0=70GiB,1=70GiB,cpu=100GiB"`` or a dict) spread the model over several devices.
+    ``context``: the context size and RoPE scaling of prompts past the native context.
     ``ubatch_size``: prompts are prefilled in chunks of this many tokens (a multiple of 64; 0:
     in one pass; None: ``generation.DEFAULT_UBATCH_SIZE``), which bounds the activations'
     memory."""
@@ -74,12 +74,6 @@ def pick_dtype(name: str, device):
     return getattr(torch, name)
 
 
-def shipped_gates(model_name: str) -> Path | None:
-    """The gate file shipped in the package for ``model_name``, if there is one."""
-    resource = importlib.resources.files("seer_gates") / "pretrained" / f"{model_name}.safetensors"
-    return Path(str(resource)) if resource.is_file() else None
-
-
 def model_shape(config) -> dict:
     heads = config.num_attention_heads
     return {
@@ -117,9 +111,11 @@ class Engine:
         device = pick_device(options.device, placement)
         dtype = pick_dtype(options.dtype, device)
         source = resolve_model(options.model)
-        gate_path = resolve_gate_path(options.gates, source.name) if policy else None
+        if policy is not None:
+            check_gate_option(options.gates)
         model, tokenizer = load_model(source, device, dtype, placement)
         context = ModelContext(model, source.name, options.context)
+        gate_path = resolve_gate_path(options.gates, model, source.name) if policy else None
         sparse_prefill = None
         if policy is not None:
             from .attention import SparsePrefill, default_min_sparse_tokens
@@ -189,21 +185,29 @@ def check_ubatch_size(ubatch_size: int) -> None:
         )
 
 
-def resolve_gate_path(gates: str, model_name: str) -> str | None:
-    """None means the training-free pooled estimator."""
+def check_gate_option(gates: str) -> None:
+    """Refuse a --gates file that does not exist before any model is loaded."""
+    if gates not in ("auto", "pooled") and not Path(gates).exists():
+        raise SeerError(f"gate file {gates} does not exist.")
+
+
+def resolve_gate_path(gates: str, model, model_name: str) -> str | None:
+    """The gate file for ``--gates`` on a loaded model; None means the training-free pooled
+    estimator. ``auto`` picks the shipped file whose recorded model identity is this model's."""
     if gates == "pooled":
         return None
-    if gates == "auto":
-        path = shipped_gates(model_name)
-        if path is None:
-            raise SeerError(
-                f"no gates are shipped for {model_name}: train them with `seer distill`, "
-                "pass --gates FILE, or use --gates pooled (training-free)."
-            )
-        return str(path)
-    if not Path(gates).exists():
-        raise SeerError(f"gate file {gates} does not exist.")
-    return gates
+    if gates != "auto":
+        check_gate_option(gates)
+        return gates
+    path, shipped = find_shipped_gates(model)
+    if path is None:
+        ours = describe(model_identity(model))
+        theirs = "; ".join(shipped) or "none"
+        raise SeerError(
+            f"no gates are shipped for {model_name} ({ours}); shipped gates are for: {theirs}. "
+            "Train them with `seer distill`, pass --gates FILE, or use --gates pooled."
+        )
+    return str(path)
 
 
 def load_model_gates(path: str, model, model_name: str, device):

@@ -10,13 +10,14 @@ import torch
 from seer_gates import GateConfig, MaskPolicy, build_gates
 
 from ..engine.attention import SparsePrefill, SparsityStats
+from ..engine.context import ContextSettings, ModelContext
 from ..engine.errors import SeerError
 from ..engine.generation import prefill
 from ..engine.placement import Placement, input_device, layer_devices, model_gpus, random_model
 from ..engine.runtime import model_shape, pick_dtype
 from .report import Column, Report, Stat, ratio
-from .settings import ProgressCallback, check_context, row_name, run_info
-from .timing import Timeline, synchronize, times_ms
+from .settings import ProgressCallback, row_name, run_info
+from .timing import Timeline, first_call_ms, synchronize, times_ms
 
 # Random models larger than this are refused on the CPU (float32: 4 bytes a parameter).
 CPU_MAX_PARAMETERS = 2_000_000_000
@@ -108,6 +109,7 @@ class PrefillSubject:
     gates: torch.nn.ModuleList | None
     weights: str
     gates_label: str
+    context: ModelContext | None = None  # RoPE by prompt length; None: the native context
 
 
 def random_subject(
@@ -151,22 +153,23 @@ def loaded_subject(
     device: torch.device,
     device_map: str | None = None,
     max_memory: str | None = None,
+    context: ContextSettings | None = None,
 ) -> PrefillSubject:
     """A model loaded from ``--model`` (None: the default model) with its gates as ``seer
     generate`` would load them (``auto``, ``pooled`` or a gate file), spread over devices by
-    ``device_map`` and ``max_memory`` as there."""
+    ``device_map`` and ``max_memory`` and with its context extended by ``context`` as there."""
     from ..engine.runtime import Engine, EngineOptions
 
     # Any sparsity loads the gates; each profiled sparsity then gets its own SparsePrefill.
     options = EngineOptions(
         model=model, gates=gates, sparsity=0.5, device=device.type,
-        device_map=device_map, max_memory=max_memory,
+        device_map=device_map, max_memory=max_memory, context=context or ContextSettings(),
     )  # fmt: skip
     engine = Engine.load(options)
     engine.sparse_prefill.detach()
     label = {"auto": "shipped"}.get(gates, gates)
     return PrefillSubject(
-        engine.name, engine.model, engine.sparse_prefill.gates, "pretrained", label
+        engine.name, engine.model, engine.sparse_prefill.gates, "pretrained", label, engine.context
     )
 
 
@@ -174,6 +177,7 @@ PREFILL_COLUMNS = [
     Column("test", "test"),
     Column("n_prompt", "n_prompt", markdown=False),
     Column("sparsity", "sparsity", markdown=False),
+    Column("first_ms", "1st call ms"),
     Column("ttft_ms", "TTFT ms"),
     Column("speedup", "speedup vs dense"),
     Column("peak_memory_gb", "peak memory GB"),
@@ -200,7 +204,8 @@ def profile_prefill(
     attention and everything else; the timed prefills run without the instrumentation.
     """
     model = subject.model
-    check_context(lengths, subject.name, model.config)
+    context = subject.context or ModelContext(model, subject.name, ContextSettings())
+    scaling = context.scaling_for(lengths[-1])  # refuses lengths past the context
     device, gpus = input_device(model), model_gpus(model)
     layers_per_device = Counter(str(layer_device) for layer_device in layer_devices(model))
     spread = {"layers_per_device": dict(layers_per_device)} if len(layers_per_device) > 1 else {}
@@ -218,24 +223,27 @@ def profile_prefill(
         notes=[
             "dense rows: transformers' SDPA attention; breakdown of sparse rows: one extra "
             "prefill with every layer's attention timed, other = the rest of that prefill"
-        ],
+        ]
+        + [f"prompts past the native {context.native} tokens: RoPE {scaling}"] * bool(scaling),
     )
     total = len(lengths) * (1 + len(sparsities))
     generator = torch.Generator().manual_seed(0)
     for index, length in enumerate(lengths):
         done = index * (1 + len(sparsities))
         ids = torch.randint(model.config.vocab_size, (1, length), generator=generator).to(device)
+        context.apply(length)
         on_test(done, total, row_name(length, None))
-        dense_ttft, peaks = _ttft(model, ids, repeats, gpus)
-        report.rows.append(_prefill_row(length, None, dense_ttft, Stat(1.0, 0.0), peaks))
+        dense_ttft, first, peaks = _ttft(model, ids, repeats, gpus)
+        report.rows.append(_prefill_row(length, None, dense_ttft, first, Stat(1.0, 0.0), peaks))
         for offset, sparsity in enumerate(sparsities, start=1):
             on_test(done + offset, total, row_name(length, sparsity))
             sparse = TimedSparsePrefill(model, MaskPolicy(sparsity=sparsity), subject.gates)
             try:
-                ttft, peaks = _ttft(model, ids, repeats, gpus)
+                ttft, first, peaks = _ttft(model, ids, repeats, gpus)
                 sparse.stats.clear()
                 breakdown = instrumented_prefill(sparse, ids)
-                row = _prefill_row(length, sparsity, ttft, ratio(dense_ttft, ttft), peaks)
+                speedup = ratio(dense_ttft, ttft)
+                row = _prefill_row(length, sparsity, ttft, first, speedup, peaks)
                 row.update(
                     achieved_sparsity=sparse.stats.overall(),
                     gates_ms=breakdown.gates_ms,
@@ -250,8 +258,9 @@ def profile_prefill(
 
 def _ttft(
     model, input_ids: torch.Tensor, repeats: int, gpus: list[torch.device]
-) -> tuple[Stat, dict[str, float]]:
-    """Prefill time (``Stat``, ms) and the peak memory of each GPU in GB (none on the CPU).
+) -> tuple[Stat, float, dict[str, float]]:
+    """Prefill time of warm calls (``Stat``, ms), of the first call (ms, see ``first_call_ms``)
+    and the peak memory of each GPU in GB (none on the CPU).
 
     The clock's events go on the inputs' device, where the outputs come back to at the end.
     """
@@ -260,17 +269,24 @@ def _ttft(
         torch.cuda.reset_peak_memory_stats(gpu)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device:
+        first = first_call_ms(lambda: prefill(model, input_ids), device)
         ttft = Stat.of(times_ms(lambda: prefill(model, input_ids), repeats, device))
-    return ttft, {str(gpu): torch.cuda.max_memory_allocated(gpu) / 1e9 for gpu in gpus}
+    return ttft, first, {str(gpu): torch.cuda.max_memory_allocated(gpu) / 1e9 for gpu in gpus}
 
 
 def _prefill_row(
-    length: int, sparsity: float | None, ttft: Stat, speedup: Stat, peaks: dict[str, float]
+    length: int,
+    sparsity: float | None,
+    ttft: Stat,
+    first_ms: float,
+    speedup: Stat,
+    peaks: dict[str, float],
 ) -> dict:
     return {
         "test": row_name(length, sparsity),
         "n_prompt": length,
         "sparsity": sparsity,
+        "first_ms": first_ms,
         "ttft_ms": ttft,
         "speedup": speedup,
         "peak_memory_gb": sum(peaks.values()) if peaks else None,

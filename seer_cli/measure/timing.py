@@ -44,6 +44,12 @@ def times_ms(
     return [_mean_call_ms(fn, device, calls, flush) for _ in range(repeats)]
 
 
+def first_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """The time in ms of one call of ``fn`` with nothing warmed up before it: what a fresh
+    process pays for compilation, tuning and allocation on its first call of this shape."""
+    return _mean_call_ms(fn, device, 1, None)
+
+
 def _mean_call_ms(fn, device: torch.device, calls: int, flush: torch.Tensor | None) -> float:
     if device.type != "cuda":
         start = time.perf_counter()
