@@ -4,6 +4,8 @@
 - :func:`gate_block_features` / :func:`pooled_block_features` and
   :func:`block_lists_from_features`: gate scoring and block selection straight to the lists the
   block-sparse kernel takes, in two launches (Triton).
+- :func:`block_sparse_attention_cpu`: the same on CPU tensors, a C++ kernel built once per
+  machine (falls back to the reference where it cannot be built).
 - :func:`pooled_attention`: dense causal FlashAttention that also returns the row-normalized,
   max-pooled block attention map used as the self-distillation target (Triton).
 - ``*_reference``: the same functions in plain PyTorch, for tests and for machines without a GPU.
@@ -16,6 +18,7 @@ from .block_sparse import (
     kept_block_indices,
 )
 from .gate_select import block_lists_from_features, gate_block_features, pooled_block_features
+from .block_sparse_cpu import block_sparse_attention_cpu
 from .pooled import pooled_attention
 from .reference import block_sparse_attention_reference, pooled_attention_reference
 
@@ -23,6 +26,7 @@ __all__ = [
     "BLOCK",
     "block_lists_from_features",
     "block_sparse_attention",
+    "block_sparse_attention_cpu",
     "block_sparse_attention_from_lists",
     "block_sparse_attention_reference",
     "gate_block_features",

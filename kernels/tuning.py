@@ -32,9 +32,15 @@ def seer_cache_dir() -> Path:
 
 
 def set_tuning_notifier(notify: Callable[[str], None] | None) -> None:
-    """``notify(message)`` is called before a kernel is tuned on this GPU (None: silence)."""
+    """``notify(message)`` is called before a kernel is tuned on this GPU or built for this
+    CPU (None: silence)."""
     global _notify
     _notify = notify or (lambda message: None)
+
+
+def notify(message: str) -> None:
+    """Tell the notifier about a one-time step of this machine (tuning, building)."""
+    _notify(message)
 
 
 def gpu_slug(device: torch.device) -> str:

@@ -1,0 +1,195 @@
+// Block-sparse causal attention on the CPU, float32; built once per machine by block_sparse_cpu.py.
+//
+// Each 64-row query block walks its kept key blocks, then its diagonal block, with the online
+// softmax of FlashAttention-2 (Dao, 2023): up to CHUNK_KEYS keys at a time are copied next to
+// each other, so one BLAS call scores them and one more adds them to the output, and the scores
+// stay in the L2 cache. Query blocks are handed out heaviest first from a shared counter: a
+// thread that the OS preempts takes fewer, and the last ones handed out are short.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+// The BLAS inside libtorch_cpu (MKL in the x86 wheels), Fortran interface.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+namespace {
+
+constexpr int64_t BLOCK = 64;
+constexpr int64_t CHUNK_KEYS = 1024;  // scores of one step: 64 × 1024 floats, 256 KiB
+using Vec = at::vec::Vectorized<float>;
+
+// Row-major c[m × n] = alpha · a[m × k] · op(b) + beta · c with op(b) = b[k × n], or b[n × k]ᵀ
+// when b_transposed. BLAS is column-major, so it computes cᵀ = op(b)ᵀ · aᵀ.
+void matmul(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+            const float* b, int64_t ldb, bool b_transposed, float beta, float* c, int64_t ldc) {
+  const char op_b = b_transposed ? 'T' : 'N', op_a = 'N';
+  const int cm = n, cn = m, ck = k, ld_b = ldb, ld_a = lda, ld_c = ldc;
+  sgemm_(&op_b, &op_a, &cm, &cn, &ck, &alpha, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
+}
+
+float max_of(const float* x, int64_t n, float init) {
+  Vec best(init);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + i));
+  float result = at::vec::vec_reduce_all<float>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
+  for (; i < n; ++i) result = std::max(result, x[i]);
+  return result;
+}
+
+// x ← exp(x − shift) in place; returns the sum.
+float exp_and_sum(float* x, int64_t n, float shift) {
+  Vec total(0.f);
+  const Vec vshift(shift);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec e = (Vec::loadu(x + i) - vshift).exp_u20();
+    e.store(x + i);
+    total += e;
+  }
+  float result = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, total);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    result += x[i];
+  }
+  return result;
+}
+
+void scale(float* out, const float* x, int64_t n, float factor) {
+  at::vec::map([factor](Vec v) { return v * Vec(factor); }, out, x, n);
+}
+
+struct Problem {
+  const float *q, *k, *v;
+  float* out;
+  const int32_t *indices, *counts;
+  int64_t q_heads, kv_group, q_start, kv_len, head_dim, first_row, rows, width;
+  int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];
+  float sm_scale;
+};
+
+// One thread's buffers: the gathered keys and values of a step, their scores, the output rows
+// and the running row max and sum.
+struct Workspace {
+  std::vector<float> keys, values, scores, acc, row_max, row_sum;
+  explicit Workspace(int64_t head_dim)
+      : keys(CHUNK_KEYS * head_dim), values(CHUNK_KEYS * head_dim), scores(BLOCK * CHUNK_KEYS),
+        acc(BLOCK * head_dim), row_max(BLOCK), row_sum(BLOCK) {}
+};
+
+// Query block row `item` = (batch, head, row): its kept key blocks, then its diagonal block.
+void attend_query_block(const Problem& p, int64_t item, Workspace& ws) {
+  const int64_t row = item % p.rows, head = item / p.rows % p.q_heads;
+  const int64_t batch = item / p.rows / p.q_heads, kv_head = head / p.kv_group;
+  const int64_t d = p.head_dim, block = p.first_row + row, block_start = block * BLOCK;
+  // The queries of this block; the first row of a chunk may start inside it.
+  const int64_t first_query = std::max(block_start, p.q_start);
+  const int64_t queries = std::min(block_start + BLOCK, p.kv_len) - first_query;
+  const int64_t diagonal_keys = std::min(BLOCK, p.kv_len - block_start);
+  const float* q = p.q + batch * p.q_strides[0] + head * p.q_strides[1] +
+                   (first_query - p.q_start) * p.q_strides[2];
+  const float* k = p.k + batch * p.k_strides[0] + kv_head * p.k_strides[1];
+  const float* v = p.v + batch * p.v_strides[0] + kv_head * p.v_strides[1];
+  const int32_t* kept = p.indices + item * p.width;
+  const int64_t count = p.counts[item];
+
+  std::fill(ws.row_max.begin(), ws.row_max.end(), -std::numeric_limits<float>::infinity());
+  std::fill(ws.row_sum.begin(), ws.row_sum.end(), 0.f);
+  std::fill(ws.acc.begin(), ws.acc.end(), 0.f);
+
+  for (int64_t next = 0; next <= count;) {  // next == count: the diagonal block
+    int64_t columns = 0;
+    bool with_diagonal = false;
+    while (next <= count && columns + BLOCK <= CHUNK_KEYS) {
+      with_diagonal = next == count;
+      const int64_t first_key = with_diagonal ? block_start : kept[next] * int64_t{BLOCK};
+      const int64_t keys = with_diagonal ? diagonal_keys : BLOCK;
+      for (int64_t j = 0; j < keys; ++j) {
+        std::copy_n(k + (first_key + j) * p.k_strides[2], d, ws.keys.data() + (columns + j) * d);
+        std::copy_n(v + (first_key + j) * p.v_strides[2], d,
+                    ws.values.data() + (columns + j) * d);
+      }
+      columns += keys;
+      ++next;
+    }
+    float* scores = ws.scores.data();
+    matmul(queries, columns, d, p.sm_scale, q, p.q_strides[2], ws.keys.data(), d, true, 0.f,
+           scores, columns);
+    for (int64_t r = 0; r < queries; ++r) {
+      float* s = scores + r * columns;
+      // The diagonal block closes the step; its keys after this query are in the future.
+      const int64_t visible =
+          with_diagonal ? columns - diagonal_keys + (first_query + r - block_start) + 1 : columns;
+      const float new_max = max_of(s, visible, ws.row_max[r]);
+      const float sum = exp_and_sum(s, visible, new_max);
+      std::fill(s + visible, s + columns, 0.f);
+      const float correction = std::exp(ws.row_max[r] - new_max);
+      ws.row_sum[r] = ws.row_sum[r] * correction + sum;
+      ws.row_max[r] = new_max;
+      if (correction != 1.f) scale(ws.acc.data() + r * d, ws.acc.data() + r * d, d, correction);
+    }
+    matmul(queries, d, columns, 1.f, scores, columns, ws.values.data(), d, false, 1.f,
+           ws.acc.data(), d);
+  }
+  float* out = p.out + batch * p.out_strides[0] + head * p.out_strides[1] +
+               (first_query - p.q_start) * p.out_strides[2];
+  for (int64_t r = 0; r < queries; ++r) {
+    scale(out + r * p.out_strides[2], ws.acc.data() + r * d, d, 1.f / ws.row_sum[r]);
+  }
+}
+
+// q [b, Hq, sq, d]: the last sq positions of k/v [b, Hkv, s, d]; indices [b, Hq, nq, w] and
+// counts [b, Hq, nq] (contiguous int32) list each query block row's kept off-diagonal blocks.
+at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& indices, const at::Tensor& counts,
+                                  double sm_scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat,
+              "q, k and v must be float32");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "q, k and v need unit stride along head_dim");
+  TORCH_CHECK(indices.scalar_type() == at::kInt && counts.scalar_type() == at::kInt &&
+                  indices.is_contiguous() && counts.is_contiguous(),
+              "indices and counts must be contiguous int32 tensors");
+  auto out = at::empty(q.sizes(), q.options());
+  const int64_t q_start = k.size(2) - q.size(2), rows = indices.size(2);
+  const Problem p{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                  out.data_ptr<float>(), indices.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                  q.size(1), q.size(1) / k.size(1), q_start, k.size(2), q.size(3),
+                  q_start / BLOCK, rows, indices.size(3),
+                  {q.stride(0), q.stride(1), q.stride(2)},
+                  {k.stride(0), k.stride(1), k.stride(2)},
+                  {v.stride(0), v.stride(1), v.stride(2)},
+                  {out.stride(0), out.stride(1), out.stride(2)},
+                  static_cast<float>(sm_scale)};
+
+  const int64_t items = counts.numel();
+  std::vector<int64_t> order(items);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return p.counts[a] > p.counts[b]; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
+    Workspace ws(p.head_dim);
+    for (int64_t thread = begin; thread < end; ++thread) {
+      for (int64_t i = next++; i < items; i = next++) attend_query_block(p, order[i], ws);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(seer_cpu, m) { m.def("block_sparse_attention", &block_sparse_attention); }
