@@ -362,3 +362,16 @@ def test_frequencies_cast_to_bfloat16_are_rebuilt_in_float32():
     ModelContext(model, "tiny", ContextSettings(EXTENDED))
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, expected, rtol=0, atol=0)
+
+
+def test_profile_prefill_runs_long_prompts_scaled():
+    from seer_cli.measure.prefill_profile import PrefillSubject, profile_prefill
+
+    model = tiny_model("llama")
+    context = ModelContext(model, "tiny", ContextSettings(EXTENDED))
+    subject = PrefillSubject("tiny", model, None, "random", "pooled", context)
+    report = profile_prefill(subject, [300, 2000], [], repeats=1)
+    assert [row["n_prompt"] for row in report.rows] == [300, 2000]
+    assert f"prompts past the native {CONTEXT} tokens: RoPE YaRN ×4 from {CONTEXT}" in report.notes
+    with pytest.raises(SeerError, match=f"{EXTENDED + 1} tokens do not fit"):
+        profile_prefill(subject, [EXTENDED + 1], [], repeats=1)

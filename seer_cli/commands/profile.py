@@ -109,14 +109,20 @@ def prefill(
     device: opt.Device = "auto",
     device_map: opt.DeviceMap = None,
     max_memory: opt.MaxMemory = None,
+    ctx_size: opt.CtxSize = None,
+    rope_scaling: opt.RopeScaling = None,
+    rope_scale: opt.RopeScale = None,
+    yarn_orig_ctx: opt.YarnOrigCtx = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """Time to first token of a whole model, dense against sparse prefill.
 
     --config: random weights and gates. Without --config or --model, the CPU runs the default model.
     --device-map spreads the model over several GPUs; the table then adds each GPU's peak memory.
+    Prompts past a loaded model's native context run with its context extension (--ctx-size …).
     """
     _check_source(config, model)
+    context = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
     from ..engine.placement import Placement
     from ..engine.runtime import pick_device
     from ..measure import profiling
@@ -130,7 +136,9 @@ def prefill(
     if placement is not None:
         torch_device = pick_device(device, placement)
     if model is not None or (config is None and torch_device.type == "cpu"):
-        subject = profiling.loaded_subject(model, gates, torch_device, device_map, max_memory)
+        subject = profiling.loaded_subject(
+            model, gates, torch_device, device_map, max_memory, context
+        )
     else:
         name, model_config = profiling.load_config(config or DEFAULT_CONFIG)
         profiling.check_context(length_list, name, model_config)
