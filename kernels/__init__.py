@@ -17,8 +17,8 @@ from .block_sparse import (
     block_sparse_attention_from_lists,
     kept_block_indices,
 )
-from .gate_select import block_lists_from_features, gate_block_features, pooled_block_features
 from .block_sparse_cpu import block_sparse_attention_cpu
+from .gate_select import block_lists_from_features, gate_block_features, pooled_block_features
 from .pooled import pooled_attention
 from .reference import block_sparse_attention_reference, pooled_attention_reference
 
