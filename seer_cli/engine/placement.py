@@ -198,7 +198,11 @@ def dispatch(model, device_map: dict):
     activations follow (accelerate's ``dispatch_model``)."""
     from accelerate import dispatch_model
 
-    return dispatch_model(model, device_map, offload_dir=_offload_folder()).eval()
+    # As transformers does: the hooks leave the cache where each layer keeps it.
+    skip_keys = list(model._skip_keys_device_placement or [])
+    return dispatch_model(
+        model, device_map, offload_dir=_offload_folder(), skip_keys=skip_keys
+    ).eval()
 
 
 def random_model(config, dtype, placement: Placement):
