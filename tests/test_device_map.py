@@ -11,12 +11,20 @@ import json
 import pytest
 import torch
 from seer_gates import save_gates
-from tiny_models import gate_config, random_ids, save_tiny_model, tiny_gates, tiny_model
+from tiny_models import (
+    CONTEXT,
+    gate_config,
+    random_ids,
+    save_tiny_model,
+    tiny_gates,
+    tiny_model,
+)
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from seer_cli.app import app
 from seer_cli.engine import placement
+from seer_cli.engine.context import ContextSettings
 from seer_cli.engine.generation import GenerationStats, SamplingOptions, generate, prefill
 from seer_cli.engine.placement import Placement, layer_devices, random_model
 from seer_cli.engine.runtime import Engine, EngineOptions
@@ -33,7 +41,9 @@ CPU_DISK = {
     "model.norm": "cpu",
     "lm_head": "cpu",
 }
-TWO_GPUS = {**CPU_DISK, **dict.fromkeys(CPU_DISK, 0), "model.layers.1": 1, "lm_head": 1}
+# As accelerate's auto map puts a large model: the rotary module on the last GPU, whose hook
+# moves its inputs there from the embeddings' GPU.
+TWO_GPUS = {**dict.fromkeys(CPU_DISK, 0), "model.layers.1": 1, "model.rotary_emb": 1, "lm_head": 1}
 PROMPT_TOKENS = 300  # five blocks: sparsity has blocks to skip
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
@@ -47,12 +57,12 @@ def folder(request, tmp_path_factory):
     return path
 
 
-def load(folder, mode: str, device_map=None, device: str = "cpu") -> Engine:
+def load(folder, mode: str, device_map=None, device: str = "cpu", **options) -> Engine:
     """``mode``: dense, gates (the fitting gate file) or pooled, both at sparsity 0.5."""
     gates = {"gates": str(folder / "gates.safetensors"), "pooled": "pooled"}.get(mode, "auto")
     options = EngineOptions(
         model=str(folder), gates=gates, sparsity=None if mode == "dense" else 0.5,
-        device=device, device_map=device_map,
+        device=device, device_map=device_map, **options,
     )  # fmt: skip
     return Engine.load(options)
 
@@ -104,6 +114,22 @@ def test_split_over_two_gpus(folder, mode):
     stats = split.generate(random_ids(70)[0].tolist(), SamplingOptions(2)).stats
     assert list(stats.peak_memory_gb_per_device) == ["cuda:0", "cuda:1"]
     assert stats.peak_memory_gb == pytest.approx(sum(stats.peak_memory_gb_per_device.values()))
+
+
+@pytest.mark.parametrize(
+    "device_map", [CPU_DISK, pytest.param(TWO_GPUS, marks=needs_two_gpus)], ids=["cpu", "gpus"]
+)
+def test_scaled_rope_past_the_native_context(folder, device_map):
+    """Past the native context a scaled rotary module replaces the hooked one: it must sit where
+    its inputs are."""
+    context = ContextSettings(ctx_size=2 * CONTEXT)
+    device = "cpu" if device_map is CPU_DISK else "cuda"
+    whole = load(folder, "gates", device=device, context=context)
+    split = load(folder, "gates", json.dumps(device_map), context=context)
+    ids = random_ids(CONTEXT + 100)[0].tolist()
+    expected, result = (engine.generate(ids, SamplingOptions(4)) for engine in (whole, split))
+    assert result.stats.rope_scaling == "yarn"
+    assert result.text == expected.text
 
 
 def test_random_model_is_the_same_split_or_not():
@@ -198,9 +224,7 @@ def test_missing_gpu_is_named_with_the_gpus_there_are(monkeypatch):
 
 def test_a_map_that_leaves_out_part_of_the_model(folder):
     partial = {name: "cpu" for name in CPU_DISK if name != "lm_head"}
-    result = run(
-        "generate", "-m", str(folder), "-p", "Hi.", "--device-map", json.dumps(partial)
-    )
+    result = run("generate", "-m", str(folder), "-p", "Hi.", "--device-map", json.dumps(partial))
     assert_one_error_line(result, "lm_head")
 
 

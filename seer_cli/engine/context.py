@@ -185,9 +185,9 @@ class ModelContext:
             config.rope_parameters = scaling.rope_parameters(config.rope_parameters)
             # transformers checks YaRN's factor against this ratio: state it exactly.
             config.max_position_embeddings = round(scaling.factor * scaling.original)
-            # Built in float32 like the model's own, on its device; never cast to the model's
-            # dtype (positions up to the context size need float32 frequencies).
-            self._scaled = type(native)(config=config).to(native.inv_freq.device)
+            # Built in float32 like the model's own; never cast to the model's dtype (positions
+            # up to the context size need float32 frequencies). Placed where its inputs are.
+            self._scaled = type(native)(config=config).to(_rotary_input_device(self.model))
         return self._scaled
 
 
@@ -199,6 +199,15 @@ def _float32_rotary(model):
 
     rotary = model.model.rotary_emb
     if rotary.inv_freq.dtype != torch.float32:
-        rotary = type(rotary)(config=rotary.config).to(rotary.inv_freq.device)
+        rotary = type(rotary)(config=rotary.config).to(_rotary_input_device(model))
         model.model.rotary_emb = rotary
     return rotary
+
+
+def _rotary_input_device(model):
+    """Where the rotary module's inputs (the embeddings and positions) are. On a model spread
+    over devices the module it replaces may sit elsewhere, with an accelerate hook moving them;
+    the replacement has no hook, so it goes to them."""
+    from .placement import input_device
+
+    return input_device(model)
