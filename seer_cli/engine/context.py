@@ -20,7 +20,7 @@ from .errors import SeerError
 
 ROPE_SCALINGS = ("none", "linear", "yarn")
 # Models whose default context is longer than their native one: the bundled SmolLM2 reads 8192
-# tokens natively and 32768 under YaRN ×4 (EVAL.md, long context).
+# tokens natively and 32768 under YaRN ×4 (README, Long context).
 EXTENDED_CONTEXT = {"SmolLM2-135M-Instruct": 32768}
 
 
