@@ -6,6 +6,7 @@ heads, d model head dim, h gate hidden size.
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,25 +25,42 @@ def _pooling_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _blocked(x: torch.Tensor, block_size: int, fill: float, start: int = 0) -> torch.Tensor:
-    """Pad x `[b, s, H, c]` along s with `fill` and split it: `[b, nb, block_size, H, c]`.
+def _block_reduce(
+    x: torch.Tensor, block_size: int, fill: float, reduce: Callable, start: int = 0
+) -> torch.Tensor:
+    """``reduce(blocks, dim=2)`` over the blocks of tokens of x `[b, s, H, c]` → `[b, nb, H, c]`.
 
-    The first token sits at offset `start` (< block_size) of the first block.
+    The first token sits at offset `start` (< block_size) of the first block; partial blocks are
+    padded with `fill`. Only those are copied: padding the whole input would copy all of it
+    (most of the pooling time on a CPU), and each block reduces alone, so the result is the same.
     """
     if x.dim() != 4:
         raise ValueError(f"expected a [batch, seq, heads, dim] tensor, got {tuple(x.shape)}.")
     b, s, heads, c = x.shape
-    nb = block_count(start + s, block_size)
-    if start or nb * block_size > start + s:
-        x = F.pad(x, (0, 0, 0, 0, start, nb * block_size - start - s), value=fill)
-    return x.reshape(b, nb, block_size, heads, c)
+    # Tokens before the first block edge (a partial first block), then whole blocks, then the rest.
+    lead = min(s, (block_size - start) % block_size)
+    whole = (s - lead) // block_size
+    edges = (lead, lead + whole * block_size)
+    parts = []
+    if lead:
+        padded = F.pad(x[:, :lead], (0, 0, 0, 0, start, block_size - start - lead), value=fill)
+        parts.append(padded.view(b, 1, block_size, heads, c))
+    if whole:
+        parts.append(x[:, edges[0] : edges[1]].reshape(b, whole, block_size, heads, c))
+    if edges[1] < s:
+        rest = x[:, edges[1] :]
+        padded = F.pad(rest, (0, 0, 0, 0, 0, block_size - rest.shape[1]), value=fill)
+        parts.append(padded.view(b, 1, block_size, heads, c))
+    reduced = [reduce(part, dim=2) for part in parts]
+    return reduced[0] if len(reduced) == 1 else torch.cat(reduced, dim=1)
 
 
 def _block_mean(x: torch.Tensor, block_size: int, start: int = 0) -> torch.Tensor:
     """Mean of x `[b, s, H, c]` over each block of tokens → `[b, nb, H, c]`, in float32+; the
     first token sits at offset `start` of the first block."""
     # Accumulating in float32 directly avoids a float32 copy of the whole input.
-    sums = _blocked(x, block_size, 0.0, start).sum(dim=2, dtype=_pooling_dtype(x))
+    dtype = _pooling_dtype(x)
+    sums = _block_reduce(x, block_size, 0.0, partial(torch.sum, dtype=dtype), start)
     edges = torch.arange(sums.shape[1] + 1, device=x.device) * block_size
     edges = edges.clamp(min=start, max=start + x.shape[1])
     counts = edges[1:] - edges[:-1]
@@ -68,8 +86,8 @@ def pool_keys(k: torch.Tensor, block_size: int = 64) -> torch.Tensor:
     """
     dtype = _pooling_dtype(k)
     # Max and min are exact in any dtype: take them before widening.
-    high = _blocked(k, block_size, -math.inf).amax(dim=2).to(dtype)
-    low = _blocked(k, block_size, math.inf).amin(dim=2).to(dtype)
+    high = _block_reduce(k, block_size, -math.inf, torch.amax).to(dtype)
+    low = _block_reduce(k, block_size, math.inf, torch.amin).to(dtype)
     return torch.cat([high, low, _block_mean(k, block_size)], dim=-1)
 
 
