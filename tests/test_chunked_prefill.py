@@ -26,6 +26,7 @@ from seer_cli.engine.errors import SeerError
 from seer_cli.engine.generation import SamplingOptions, chunk_bounds, decode_one_token, prefill
 from seer_cli.engine.past_keys import undo_rope
 from seer_cli.engine.runtime import Engine, EngineOptions
+from seer_cli.measure.report import Stat
 
 # Prompt lengths around block edges, chunk sizes that split them several times.
 LENGTHS = [300, 449]
@@ -231,3 +232,47 @@ def test_generate_takes_a_ubatch_size(tmp_path):
     refused = generate("-ub", "100")
     assert refused.exit_code == 1 and not refused.stdout
     assert "--ubatch-size must be 0 (one pass) or a multiple of 64" in refused.stderr
+
+
+# ---------------------------------------------------------------- seer profile prefill
+
+
+def test_profile_rows_per_ubatch_size(monkeypatch):
+    from seer_cli.measure import prefill_profile, profiling
+
+    model = tiny_model("llama")
+    subject = prefill_profile.PrefillSubject("tiny", model, tiny_gates(model), "random", "random")
+    real_prefill = prefill_profile.prefill
+
+    def out_of_memory_in_one_pass(model, ids, on_layer=None, *, cache=None, ubatch_size=0):
+        if ubatch_size == 0 and ids.shape[1] > 256:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_prefill(model, ids, on_layer, cache=cache, ubatch_size=ubatch_size)
+
+    monkeypatch.setattr(prefill_profile, "prefill", out_of_memory_in_one_pass)
+    report = profiling.profile_prefill(subject, [256, 300], [0.5], 1, ubatch_sizes=(0, 128))
+    rows = {(row["n_prompt"], row["sparsity"], row["ubatch"]): row for row in report.rows}
+    assert list(rows) == [
+        (length, sparsity, ubatch)
+        for length in (256, 300)
+        for ubatch in (0, 128)
+        for sparsity in (None, 0.5)
+    ]
+    assert rows[256, None, 128]["speedup"] == Stat(1.0, 0.0)
+    assert rows[256, 0.5, 128]["achieved_sparsity"] == rows[256, 0.5, 0]["achieved_sparsity"]
+    # The one pass at 300 tokens "ran out of memory": rows without times, and a note each.
+    for sparsity in (None, 0.5):
+        assert rows[300, sparsity, 0]["ttft_ms"] is None
+        assert rows[300, sparsity, 0]["speedup"] is None
+        assert rows[300, sparsity, 128]["ttft_ms"].mean > 0
+    assert "pp300 @ dense ubatch 0: out of GPU memory" in report.notes
+    assert "pp300 @ s0.50 ubatch 0: out of GPU memory" in report.notes
+
+
+@pytest.mark.parametrize("text", ["100", "0,x", "-64"])
+def test_profile_ubatch_sizes_are_checked(text):
+    from seer_cli.measure.settings import parse_ubatch_sizes
+
+    with pytest.raises(SeerError, match="--ubatch-size takes 0"):
+        parse_ubatch_sizes(text)
+    assert parse_ubatch_sizes("8192, 0,8192") == [8192, 0]

@@ -29,8 +29,8 @@ Config = Annotated[
     typer.Option(
         "--config",
         envvar="SEER_PROFILE_CONFIG",
-        help="Model shapes, random weights: llama-3.1-8b, llama-3.1-70b, qwen2.5-7b or a "
-        f"config.json path (default {DEFAULT_CONFIG}).",
+        help="Model shapes, random weights: llama-3.1-8b, llama-3.1-8b-256k (262144 positions), "
+        f"llama-3.1-70b, qwen2.5-7b or a config.json path (default {DEFAULT_CONFIG}).",
     ),
 ]
 Lengths = Annotated[
@@ -106,6 +106,16 @@ def prefill(
     sparsities: Sparsities = "0.5,0.9",
     repeats: Repeats = 5,
     output: Output = "md",
+    ubatch_sizes: Annotated[
+        str,
+        typer.Option(
+            "--ubatch-size",
+            "-ub",
+            envvar="SEER_PROFILE_UBATCH_SIZE",
+            help="Prefill chunk sizes to profile, comma-separated: multiples of 64, 0 for one "
+            "pass (default 8192, as seer generate).",
+        ),
+    ] = "8192",
     device: opt.Device = "auto",
     device_map: opt.DeviceMap = None,
     max_memory: opt.MaxMemory = None,
@@ -119,6 +129,7 @@ def prefill(
 
     --config: random weights and gates. Without --config or --model, the CPU runs the default model.
     --device-map spreads the model over several GPUs; the table then adds each GPU's peak memory.
+    --ubatch-size 0,8192 compares one pass with chunks of 8192 tokens, peak memory per row.
     Prompts past a loaded model's native context run with its context extension (--ctx-size …).
     """
     _check_source(config, model)
@@ -133,6 +144,7 @@ def prefill(
     torch_device, length_list, sparsity_list = _settings(
         device, lengths, sparsities, repeats, output
     )
+    ubatch_list = profiling.parse_ubatch_sizes(ubatch_sizes)
     if placement is not None:
         torch_device = pick_device(device, placement)
     if model is not None or (config is None and torch_device.type == "cpu"):
@@ -144,7 +156,9 @@ def prefill(
         profiling.check_context(length_list, name, model_config)
         subject = profiling.random_subject(name, model_config, gates, torch_device, placement)
     with _progress(quiet) as on_test:
-        report = profiling.profile_prefill(subject, length_list, sparsity_list, repeats, on_test)
+        report = profiling.profile_prefill(
+            subject, length_list, sparsity_list, repeats, on_test, ubatch_list
+        )
     _finish(report, output, quiet)
 
 

@@ -1,5 +1,6 @@
 """A whole model's time to first token, dense against sparse, with the sparse prefill split
-into gate scoring + block selection, attention, and everything else."""
+into gate scoring + block selection, attention, and everything else; the prompt prefilled in
+one pass or in chunks (``--ubatch-size``), with the peak memory of each."""
 
 import contextlib
 from collections import Counter
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from seer_gates import GateConfig, MaskPolicy, build_gates
 
-from ..engine.attention import SparsePrefill, SparsityStats
+from ..engine.attention import ATTENTION_NAME, SparsePrefill, SparsityStats
 from ..engine.context import ContextSettings, ModelContext
 from ..engine.errors import SeerError
 from ..engine.generation import prefill
@@ -55,10 +56,10 @@ class TimedSparsePrefill(SparsePrefill):
         if self.timeline is not None:
             self.timeline.mark((layer_idx, point), self._layer_device)
 
-    def attend(self, layer_idx: int, q, k, v, scaling: float | None) -> torch.Tensor:
+    def attend(self, layer_idx: int, q, k, v, scaling, prompt_end=None) -> torch.Tensor:
         self._layer_device = q.device
         self._mark(layer_idx, "start")
-        out = super().attend(layer_idx, q, k, v, scaling)
+        out = super().attend(layer_idx, q, k, v, scaling, prompt_end)
         self._mark(layer_idx, "end")
         return out
 
@@ -77,15 +78,18 @@ class Breakdown:
         return self.total_ms - self.gates_ms - self.attention_ms
 
 
-def instrumented_prefill(sparse: TimedSparsePrefill, input_ids: torch.Tensor) -> Breakdown:
-    """Run one prefill with every layer's attention marked, and split its time."""
+def instrumented_prefill(
+    sparse: TimedSparsePrefill, input_ids: torch.Tensor, ubatch_size: int = 0
+) -> Breakdown:
+    """Run one prefill (in chunks of ``ubatch_size``, 0: one pass) with every layer's attention
+    marked, and split its time; a chunked prefill sums each layer's time over the chunks."""
     timeline = Timeline(input_ids.device)
     gpus = model_gpus(sparse.model)
     sparse.timeline = timeline
     try:
         synchronize(input_ids.device)
         timeline.mark("start")
-        prefill(sparse.model, input_ids)
+        prefill(sparse.model, input_ids, ubatch_size=ubatch_size)
         timeline.mark("end")
         for gpu in gpus:
             synchronize(gpu)
@@ -177,6 +181,7 @@ PREFILL_COLUMNS = [
     Column("test", "test"),
     Column("n_prompt", "n_prompt", markdown=False),
     Column("sparsity", "sparsity", markdown=False),
+    Column("ubatch", "ubatch"),
     Column("first_ms", "1st call ms"),
     Column("ttft_ms", "TTFT ms"),
     Column("speedup", "speedup vs dense"),
@@ -196,12 +201,14 @@ def profile_prefill(
     sparsities: list[float],
     repeats: int,
     on_test: ProgressCallback = lambda done, total, test: None,
+    ubatch_sizes: tuple[int, ...] = (0,),
 ) -> Report:
     """Time to first token of the subject's model on random prompts of each length, dense and
-    at each sparsity.
+    at each sparsity, prefilled in chunks of each of ``ubatch_sizes`` tokens (0: one pass).
 
     Sparse rows also split one extra, instrumented prefill into gates + mask selection,
-    attention and everything else; the timed prefills run without the instrumentation.
+    attention and everything else; the timed prefills run without the instrumentation. A test
+    that runs out of GPU memory gets a row without times and a note.
     """
     model = subject.model
     context = subject.context or ModelContext(model, subject.name, ContextSettings())
@@ -221,46 +228,64 @@ def profile_prefill(
         info,
         columns,
         notes=[
-            "dense rows: transformers' SDPA attention; breakdown of sparse rows: one extra "
-            "prefill with every layer's attention timed, other = the rest of that prefill"
+            "dense rows: transformers' SDPA attention (a chunk's causal mask aligned to its last "
+            "key); breakdown of sparse rows: one extra prefill with every layer's attention "
+            "timed, other = the rest of that prefill; ubatch 0: the prompt in one pass"
         ]
         + [f"prompts past the native {context.native} tokens: RoPE {scaling}"] * bool(scaling),
     )
-    total = len(lengths) * (1 + len(sparsities))
+    tests = [
+        (length, ubatch, sparsity)
+        for length in lengths
+        for ubatch in ubatch_sizes
+        for sparsity in (None, *sparsities)
+    ]
     generator = torch.Generator().manual_seed(0)
-    for index, length in enumerate(lengths):
-        done = index * (1 + len(sparsities))
-        ids = torch.randint(model.config.vocab_size, (1, length), generator=generator).to(device)
-        context.apply(length)
-        on_test(done, total, row_name(length, None))
-        dense_ttft, first, peaks = _ttft(model, ids, repeats, gpus)
-        report.rows.append(_prefill_row(length, None, dense_ttft, first, Stat(1.0, 0.0), peaks))
-        for offset, sparsity in enumerate(sparsities, start=1):
-            on_test(done + offset, total, row_name(length, sparsity))
+    ids, dense_ttft = None, None
+    for done, (length, ubatch, sparsity) in enumerate(tests):
+        if ids is None or ids.shape[1] != length:
+            ids = torch.randint(model.config.vocab_size, (1, length), generator=generator)
+            ids = ids.to(device)
+            context.apply(length)
+        on_test(done, len(tests), f"{row_name(length, sparsity)} ub{ubatch}")
+        if sparsity is None:
+            # Dense through seer's attention function without a sparse prefill: transformers'
+            # SDPA for one pass, no [chunk, cache] mask for chunks.
+            model.set_attn_implementation(ATTENTION_NAME)
+            row = _prefill_row(length, None, ubatch, *_ttft(model, ids, repeats, gpus, ubatch))
+            dense_ttft = row["ttft_ms"]
+            row["speedup"] = Stat(1.0, 0.0) if dense_ttft is not None else None
+        else:
             sparse = TimedSparsePrefill(model, MaskPolicy(sparsity=sparsity), subject.gates)
             try:
-                ttft, first, peaks = _ttft(model, ids, repeats, gpus)
-                sparse.stats.clear()
-                breakdown = instrumented_prefill(sparse, ids)
-                speedup = ratio(dense_ttft, ttft)
-                row = _prefill_row(length, sparsity, ttft, first, speedup, peaks)
-                row.update(
-                    achieved_sparsity=sparse.stats.overall(),
-                    gates_ms=breakdown.gates_ms,
-                    attention_ms=breakdown.attention_ms,
-                    other_ms=breakdown.other_ms,
+                row = _prefill_row(
+                    length, sparsity, ubatch, *_ttft(model, ids, repeats, gpus, ubatch)
                 )
+                if row["ttft_ms"] is not None:
+                    sparse.stats.clear()
+                    breakdown = instrumented_prefill(sparse, ids, ubatch)
+                    row.update(
+                        achieved_sparsity=sparse.stats.overall(),
+                        gates_ms=breakdown.gates_ms,
+                        attention_ms=breakdown.attention_ms,
+                        other_ms=breakdown.other_ms,
+                    )
             finally:
                 sparse.detach()
-            report.rows.append(row)
+        if row["ttft_ms"] is None:
+            report.notes.append(f"{row['test']} ubatch {ubatch}: out of GPU memory")
+        elif sparsity is not None and dense_ttft is not None:
+            row["speedup"] = ratio(dense_ttft, row["ttft_ms"])
+        report.rows.append(row)
     return report
 
 
 def _ttft(
-    model, input_ids: torch.Tensor, repeats: int, gpus: list[torch.device]
-) -> tuple[Stat, float, dict[str, float]]:
+    model, input_ids: torch.Tensor, repeats: int, gpus: list[torch.device], ubatch_size: int = 0
+) -> tuple[Stat | None, float | None, dict[str, float]]:
     """Prefill time of warm calls (``Stat``, ms), of the first call (ms, see ``first_call_ms``)
-    and the peak memory of each GPU in GB (none on the CPU).
+    and the peak memory of each GPU in GB (none on the CPU); times None when the GPU ran out of
+    memory. The prompt goes in chunks of ``ubatch_size`` tokens (0: one pass).
 
     The clock's events go on the inputs' device, where the outputs come back to at the end.
     """
@@ -268,27 +293,38 @@ def _ttft(
     for gpu in gpus:
         torch.cuda.reset_peak_memory_stats(gpu)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with on_device:
-        first = first_call_ms(lambda: prefill(model, input_ids), device)
-        ttft = Stat.of(times_ms(lambda: prefill(model, input_ids), repeats, device))
+
+    def run():
+        return prefill(model, input_ids, ubatch_size=ubatch_size)
+
+    try:
+        with on_device:
+            first = first_call_ms(run, device)
+            ttft = Stat.of(times_ms(run, repeats, device))
+    except torch.OutOfMemoryError:
+        # The failed prefill's tensors are gone with its frames: hand their memory back.
+        torch.cuda.empty_cache()
+        return None, None, {}
     return ttft, first, {str(gpu): torch.cuda.max_memory_allocated(gpu) / 1e9 for gpu in gpus}
 
 
 def _prefill_row(
     length: int,
     sparsity: float | None,
-    ttft: Stat,
-    first_ms: float,
-    speedup: Stat,
+    ubatch: int,
+    ttft: Stat | None,
+    first_ms: float | None,
     peaks: dict[str, float],
 ) -> dict:
+    """A row without speedup (the caller sets it against the dense row) or breakdown."""
     return {
         "test": row_name(length, sparsity),
         "n_prompt": length,
         "sparsity": sparsity,
+        "ubatch": ubatch,
         "first_ms": first_ms,
         "ttft_ms": ttft,
-        "speedup": speedup,
+        "speedup": None,
         "peak_memory_gb": sum(peaks.values()) if peaks else None,
         "peak_memory_gb_per_device": peaks or None,
     }

@@ -48,6 +48,22 @@ def parse_lengths(text: str | None, device: torch.device) -> list[int]:
     return sorted(lengths)
 
 
+def parse_ubatch_sizes(text: str) -> list[int]:
+    """Prefill chunk sizes from ``"0,8192"`` (0: the whole prompt in one pass), each a multiple
+    of 64, in the order given and without repeats."""
+    sizes = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdecimal() or int(item) % 64:
+            raise SeerError(
+                "--ubatch-size takes 0 (one pass) or multiples of 64 separated by commas, "
+                f"got {item!r}."
+            )
+        if int(item) not in sizes:
+            sizes.append(int(item))
+    return sizes
+
+
 def parse_sparsities(text: str) -> list[float]:
     """Sparsities from ``"0.5,0.9"``, each in [0, 1), ascending and without repeats."""
     sparsities = set()
