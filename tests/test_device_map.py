@@ -26,6 +26,7 @@ from seer_cli.app import app
 from seer_cli.engine import placement
 from seer_cli.engine.context import ContextSettings
 from seer_cli.engine.generation import GenerationStats, SamplingOptions, generate, prefill
+from seer_cli.engine.identity import model_identity
 from seer_cli.engine.placement import Placement, layer_devices, random_model
 from seer_cli.engine.runtime import Engine, EngineOptions
 from seer_cli.measure import profiling
@@ -95,6 +96,12 @@ def test_gates_follow_their_layers(folder):
     assert devices == [torch.device("cpu")] * 2  # the offloaded layer computes on the CPU
     for gate, device in zip(engine.sparse_prefill.gates, devices, strict=True):
         assert {p.device for p in gate.parameters()} == {device}
+
+
+def test_identity_reads_offloaded_weights(folder):
+    """``--gates auto`` matches gates on a fingerprint of weights, some of them offloaded here."""
+    whole, split = load(folder, "dense"), load(folder, "dense", device_map=json.dumps(CPU_DISK))
+    assert model_identity(split.model) == model_identity(whole.model)
 
 
 @needs_two_gpus

@@ -28,14 +28,17 @@ _SHAPE_KEYS = (
 
 
 def _fingerprint(model) -> list[float]:
+    from accelerate.utils import align_module_device
+
     layers = model.model.layers
-    sampled = [
-        model.get_input_embeddings().weight,
-        layers[0].self_attn.q_proj.weight,
-        layers[-1].self_attn.q_proj.weight,
-    ]
-    values = [w[:_FINGERPRINT_ROWS, :_FINGERPRINT_COLUMNS].detach() for w in sampled]
-    return [round(float(v), 6) for w in values for v in w.float().cpu().flatten()]
+    first, last = layers[0].self_attn.q_proj, layers[-1].self_attn.q_proj
+    sampled = [model.get_input_embeddings(), first, last]
+    values = []
+    for module in sampled:
+        # Weights offloaded by --device-map (to the CPU or the disk) are read back for a moment.
+        with align_module_device(module):
+            values.append(module.weight[:_FINGERPRINT_ROWS, :_FINGERPRINT_COLUMNS].detach().cpu())
+    return [round(float(v), 6) for w in values for v in w.float().flatten()]
 
 
 def model_identity(model) -> dict:
