@@ -11,23 +11,19 @@ Decode steps and padded batches go to transformers' own SDPA path.
 import copy
 import os
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from seer_gates import (
     MaskPolicy,
     block_count,
     block_rope_tables,
+    gate_block_lists,
     pool_queries,
+    pooled_block_lists,
     pooled_qk_scores,
-    select_block_lists,
     select_blocks,
 )
-from seer_kernels import (
-    block_sparse_attention,
-    block_sparse_attention_from_lists,
-    block_sparse_attention_reference,
-)
+from seer_kernels import block_sparse_attention_from_lists, block_sparse_attention_reference
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -162,27 +158,33 @@ class SparsePrefill:
             self.stats.record(layer_idx, causal_blocks, causal_blocks)
             return causal_attention(q, k, v, scaling)
         total_blocks = block_count(prompt_end or s)
-        scores = partial(self._scores, layer_idx, q, k, captured, pooled_keys, total_blocks)
-        if attention_kernel(q.device) == "triton" and self.policy.sparsity is not None:
-            # Top-k straight to the kernel's block lists: no mask to build and list again.
-            indices, counts = select_block_lists(
-                scores(probabilities=False), self.policy, total_blocks
+        if attention_kernel(q.device) == "triton":
+            # Gate scoring and selection fused into two launches, straight to the kernel's lists.
+            indices, counts = self._block_lists(
+                layer_idx, q, k, captured, pooled_keys, total_blocks
             )
             self.stats.record(layer_idx, counts.sum() + b * hq * rows, causal_blocks)
             return block_sparse_attention_from_lists(q, k, v, indices, counts, scaling)
-        mask = select_blocks(scores(), self.policy, total_blocks)
+        scores = self._scores(layer_idx, q, k, captured, pooled_keys, total_blocks)
+        mask = select_blocks(scores, self.policy, total_blocks)
         causal = torch.ones(rows, nb, dtype=torch.bool, device=mask.device).tril(first)
         self.stats.record(layer_idx, (mask & causal).sum(), causal_blocks)
-        if attention_kernel(q.device) == "triton":
-            return block_sparse_attention(q, k, v, mask, scaling)
         return block_sparse_attention_reference(q, k, v, mask, scaling)
 
-    def _scores(
-        self, layer_idx: int, q, k, captured, pooled_keys, total_blocks: int, probabilities=True
-    ) -> torch.Tensor:
-        """Block scores [b, Hq, rows, nb] of the query blocks against every key block so far;
-        with ``probabilities`` False the gates may return logits, which rank the blocks of a
-        row the same and save a softmax."""
+    def _block_lists(self, layer_idx: int, q, k, captured, pooled_keys, total_blocks: int):
+        """The Triton path's per-row lists (indices, counts) of the query blocks, from the fused
+        gate kernels: the same blocks as ``select_blocks`` on ``_scores``."""
+        if self.gates is None:
+            return pooled_block_lists(q, k, self.policy, total_blocks)
+        cos, sin = self._block_rope(total_blocks, q.shape[0], q.device)
+        return gate_block_lists(
+            self.gates[layer_idx], captured["q"], pooled_keys, cos, sin, self.policy,
+            total_blocks, key_tokens=k.shape[2],
+        )  # fmt: skip
+
+    def _scores(self, layer_idx: int, q, k, captured, pooled_keys, total_blocks: int):
+        """Block scores [b, Hq, rows, nb] of the query blocks against every key block so far
+        (the PyTorch path)."""
         if self.gates is None:
             return pooled_qk_scores(q, k)
         # Tables for the whole prompt, built once per prompt; a chunk takes its first blocks.
@@ -190,7 +192,7 @@ class SparsePrefill:
         nb = pooled_keys.shape[1]
         q_pooled = pool_queries(captured["q"], start=k.shape[2] - q.shape[2])
         logits = self.gates[layer_idx].logits(q_pooled, pooled_keys, cos[:, :nb], sin[:, :nb])
-        return logits.softmax(dim=-1) if probabilities else logits
+        return logits.softmax(dim=-1)
 
     def _block_rope(self, num_blocks: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables of the current prompt shape, one copy per device the layers run on."""

@@ -14,9 +14,10 @@ from seer_gates import (
     block_count,
     block_rope_tables,
     default_rotary,
-    select_block_lists,
+    gate_block_lists,
     select_blocks,
 )
+from seer_gates.pooled_keys import PooledKeys
 from seer_kernels import block_sparse_attention_from_lists, block_sparse_attention_reference
 
 from ..engine.attention import attention_kernel
@@ -154,17 +155,23 @@ def _dense_stats(inputs, backends: dict, repeats: int, device, notes: list[str])
 def _sparse_stats(gate, inputs, policy: MaskPolicy, repeats: int, device) -> dict:
     """Times (``Stat``) of the sparse path's pieces and whole, and the achieved sparsity.
 
-    The path is ``SparsePrefill.attend``'s: on a GPU the gate scores the blocks, top-k selection
-    writes the kernel's per-row block lists (``gates``), and the Triton kernel runs on them
-    (``attention``); on the CPU the selection builds a mask and the reference takes it.
+    The path is ``SparsePrefill.attend``'s: on a GPU the keys are pooled (``PooledKeys``, as
+    kept for chunked prefill) and the fused gate kernels write the kernel's per-row block lists
+    (``gates``), and the Triton kernel runs on them (``attention``); on the CPU the gate's scores
+    go through the PyTorch selection to a mask, and the reference takes it.
     """
     q, k, v = inputs.q, inputs.k, inputs.v
 
     def scores() -> torch.Tensor:
         return gate(inputs.gate_q, inputs.gate_k, inputs.cos, inputs.sin)
 
+    def fused_lists():
+        pooled = PooledKeys().extend(inputs.gate_k)
+        return gate_block_lists(gate, inputs.gate_q, pooled, inputs.cos, inputs.sin, policy,
+                                key_tokens=inputs.gate_k.shape[1])  # fmt: skip
+
     if attention_kernel(device) == "triton":
-        gates = lambda: select_block_lists(scores(), policy)
+        gates = fused_lists
         indices, counts = gates()
         attention = partial(block_sparse_attention_from_lists, q, k, v, indices, counts)
         total = lambda: block_sparse_attention_from_lists(q, k, v, *gates())

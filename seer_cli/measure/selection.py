@@ -13,10 +13,17 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from seer_gates import MaskPolicy, achieved_sparsity, block_count, pooled_qk_scores, select_blocks
+from seer_gates import (
+    MaskPolicy,
+    achieved_sparsity,
+    block_count,
+    pool_keys,
+    pooled_qk_scores,
+    select_blocks,
+)
 from seer_gates.baselines import sink_local_scores
 from seer_gates.distill import attention_recall
-from seer_kernels import BLOCK, pooled_attention, pooled_attention_reference
+from seer_kernels import BLOCK, kept_block_indices, pooled_attention, pooled_attention_reference
 
 from ..engine.attention import SparsePrefill, attention_kernel
 
@@ -112,8 +119,12 @@ class ScoredPrefill(SparsePrefill):
         self.score = score
         super().__init__(model, policy, gates=None)
 
-    def _scores(self, layer_idx: int, q, k) -> torch.Tensor:
+    def _scores(self, layer_idx: int, q, k, *context) -> torch.Tensor:
         return self.score(q, k)
+
+    def _block_lists(self, layer_idx: int, q, k, *context):
+        # No fused kernel for these scores: the PyTorch selection, listed for the kernel.
+        return kept_block_indices(select_blocks(self.score(q, k), self.policy))
 
 
 class RecallProbe(SparsePrefill):
@@ -135,14 +146,17 @@ class RecallProbe(SparsePrefill):
         """One dense forward pass over ids `[s]`, measuring every layer."""
         self.model.model(input_ids=ids[None].to(self.model.device), use_cache=False)
 
-    def attend(self, layer_idx: int, q, k, v, scaling: float | None) -> torch.Tensor:
+    def attend(self, layer_idx: int, q, k, v, scaling: float | None, prompt_end=None):
         if attention_kernel(q.device) == "triton":
             out, maxpool = pooled_attention(q, k, v, scaling)
         else:
             out, maxpool = pooled_attention_reference(q, k, v, scaling)
         mass = block_attention_mass(q, k, scaling)
+        # A window is a whole prompt (no cache): its own keys are all the keys.
+        captured = self._captured.pop(layer_idx)
+        gates = self._scores(layer_idx, q, k, captured, pool_keys(captured["k"]), mass.shape[-1])
         estimates = {
-            "gates": self._scores(layer_idx, q, k),
+            "gates": gates,
             "oracle-mass": mass,
             "oracle-maxpool": maxpool,
             "pooled": pooled_qk_scores(q, k),

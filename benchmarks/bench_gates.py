@@ -1,0 +1,174 @@
+"""Gate scoring + block selection per layer on a GPU: the PyTorch path against the fused kernels.
+
+One layer's pre-RoPE queries and keys (bf16, batch 1, random), a random-weight gate and the
+policy's top-k budget (or threshold), at the shapes of Llama-3.1-8B (32 query / 8 key-value
+heads, head_dim 128, gate hidden 128: the published rule, no query linear) and of the bundled
+SmolLM2-135M (9 / 3 heads, head_dim 64, gate hidden 128 with a query linear). Rows:
+
+- ``pytorch``: ``AttnGate`` logits then ``select_block_lists`` (top-k) or ``select_blocks``
+  (threshold) — the path before the fused kernels;
+- ``fused``: ``gate_block_lists`` from raw keys (two launches);
+- ``fused, pooled keys``: the engine's path, keys pooled by ``PooledKeys`` (kept for chunked
+  prefill) and then the fused kernels.
+
+First checks that the fused lists keep the PyTorch path's blocks, then times with
+``triton.testing.do_bench`` (median, L2 flushed) and prints a markdown table last.
+
+    python benchmarks/bench_gates.py [--lengths 32768 131072] [--sweep] [--out bench.md]
+"""
+
+import argparse
+import datetime
+import os
+import subprocess
+
+import torch
+from seer_gates import (
+    AttnGate,
+    MaskPolicy,
+    block_rope_tables,
+    default_rotary,
+    gate_block_lists,
+    select_block_lists,
+    select_blocks,
+)
+from seer_gates.pooled_keys import PooledKeys
+from seer_kernels import gate_select, num_blocks
+from triton.testing import do_bench
+
+# name: (query heads, key/value heads, head_dim, gate hidden)
+SHAPES = {"llama-3.1-8b": (32, 8, 128, 128), "smollm2-135m": (9, 3, 64, 128)}
+POLICIES = {"top-k 0.9": MaskPolicy(sparsity=0.9), "threshold 1": MaskPolicy(threshold=1.0)}
+# Launch settings tried by --sweep: (module attribute, value).
+SWEEP = [
+    ("FEATURE_WARPS", 4),
+    ("SELECT_WARPS", 4),
+    ("KEY_COLUMNS", 64),
+    ("SELECT_ELEMENTS", 2048),
+    ("SELECT_ELEMENTS", 8192),
+    ("STAGES", 3),
+    ("_program_slots", 1),
+    ("_program_slots", 4),
+]
+
+
+def layer_inputs(shape, length: int):
+    hq, hkv, d, h = shape
+    torch.manual_seed(0)
+    gate = AttnGate(hq, hkv, d, h).cuda()
+    q = torch.randn(1, length, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, length, hkv, d, device="cuda", dtype=torch.bfloat16)
+    cos, sin = block_rope_tables(default_rotary(h), num_blocks(length), 64, 1, "cuda")
+    return gate, q, k, cos, sin
+
+
+def pytorch_path(gate, q, k, cos, sin, policy):
+    with torch.no_grad():
+        if policy.sparsity is not None:
+            return select_block_lists(gate(q, k, cos, sin, probabilities=False), policy)
+        return select_blocks(gate(q, k, cos, sin), policy)
+
+
+def engine_path(gate, q, k, cos, sin, policy):
+    pooled = PooledKeys().extend(k)
+    return gate_block_lists(gate, q, pooled, cos, sin, policy, key_tokens=k.shape[1])
+
+
+def lists_to_mask(indices, counts):
+    b, h, n, width = indices.shape
+    listed = torch.arange(width, device=indices.device) < counts[..., None].long()
+    mask = torch.zeros(b, h, n, n + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, torch.where(listed, indices.long(), n), True)
+    return mask[..., :n] | torch.eye(n, dtype=torch.bool, device=indices.device)
+
+
+def differing_blocks(gate, q, k, cos, sin, policy) -> tuple[int, int]:
+    """(blocks kept by one path and not the other, blocks kept by the PyTorch path)."""
+    fused = lists_to_mask(*gate_block_lists(gate, q, k, cos, sin, policy))
+    expected = pytorch_path(gate, q, k, cos, sin, policy)
+    if policy.sparsity is not None:
+        expected = lists_to_mask(*expected)
+    return int((fused != expected).sum()), int(expected.sum())
+
+
+def median_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def sweep_rows(shape_name: str, length: int, policy_name: str, default_ms: float) -> list[str]:
+    gate, q, k, cos, sin = layer_inputs(SHAPES[shape_name], length)
+    policy = POLICIES[policy_name]
+    rows = []
+    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+    for attribute, value in SWEEP:
+        saved = getattr(gate_select, attribute)
+        # _program_slots: programs per SM of the persistent selection kernel.
+        per_sm = attribute == "_program_slots"
+        setattr(gate_select, attribute, (lambda device: sm_count * value) if per_sm else value)
+        try:
+            ms = median_ms(lambda: gate_block_lists(gate, q, k, cos, sin, policy))
+            rows.append(f"| {shape_name} | {length} | {attribute} = {value}"
+                        f"{' per SM' if per_sm else ''} | {ms:.3f} | {default_ms:.3f} |")  # fmt: skip
+        finally:
+            setattr(gate_select, attribute, saved)
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--sweep", action="store_true", help="also try other launch settings")
+    parser.add_argument("--out", help="also write the markdown table here")
+    args = parser.parse_args()
+
+    commit = os.environ.get("SEER_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    title = (f"{torch.cuda.get_device_name()}, {datetime.date.today()}, commit {commit or '?'}, "
+             f"torch {torch.__version__}, bf16, batch 1, ms per layer (median)")  # fmt: skip
+    print(title, flush=True)
+    lines = ["| shape | length | policy | pytorch | fused | fused, pooled keys | speedup | "
+             "features | selection | differing / kept blocks |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    defaults = {}
+    for shape_name in args.shapes:
+        for length in args.lengths:
+            gate, q, k, cos, sin = layer_inputs(SHAPES[shape_name], length)
+            for policy_name, policy in POLICIES.items():
+                differing, kept = differing_blocks(gate, q, k, cos, sin, policy)
+                old = median_ms(lambda: pytorch_path(gate, q, k, cos, sin, policy))
+                fused = median_ms(lambda: gate_block_lists(gate, q, k, cos, sin, policy))
+                engine = median_ms(lambda: engine_path(gate, q, k, cos, sin, policy))
+                weight_q = gate.mask_linear_q.weight if gate.mask_linear_q is not None else None
+                features = lambda: gate_select.gate_block_features(
+                    q, k, gate.mask_linear_k.weight, cos, sin, weight_q
+                )
+                features_ms = median_ms(features)
+                defaults[(shape_name, length, policy_name)] = fused
+                lines.append(
+                    f"| {shape_name} | {length} | {policy_name} | {old:.3f} | {fused:.3f} | "
+                    f"{engine:.3f} | {old / fused:.1f}× | {features_ms:.3f} | "
+                    f"{fused - features_ms:.3f} | {differing} / {kept} |"
+                )
+                print(lines[-1], flush=True)
+            del gate, q, k
+            torch.cuda.empty_cache()
+    sweep = []
+    if args.sweep:
+        sweep = ["", "Launch settings (fused, top-k 0.9):", "",
+                 "| shape | length | setting | ms | default ms |", "|---|---|---|---|---|"]  # fmt: skip
+        for length in args.lengths:
+            key = ("llama-3.1-8b", length, "top-k 0.9")
+            if key in defaults:
+                sweep += sweep_rows("llama-3.1-8b", length, "top-k 0.9", defaults[key])
+    table = "\n".join([title, "", *lines, *sweep])
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
