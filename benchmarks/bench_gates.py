@@ -95,22 +95,42 @@ def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def sweep_rows(shape_name: str, length: int, policy_name: str, default_ms: float) -> list[str]:
-    gate, q, k, cos, sin = layer_inputs(SHAPES[shape_name], length)
+def timed_row(shape_name: str, length: int, inputs, policy_name: str) -> tuple[str, float]:
+    """One table row: both paths checked against each other, then timed; and the fused ms."""
+    gate, q, k, cos, sin = inputs
     policy = POLICIES[policy_name]
-    rows = []
+    differing, kept = differing_blocks(gate, q, k, cos, sin, policy)
+    old = median_ms(lambda: pytorch_path(gate, q, k, cos, sin, policy))
+    fused = median_ms(lambda: gate_block_lists(gate, q, k, cos, sin, policy))
+    engine = median_ms(lambda: engine_path(gate, q, k, cos, sin, policy))
+    weight_q = gate.mask_linear_q.weight if gate.mask_linear_q is not None else None
+    features = median_ms(
+        lambda: gate_select.gate_block_features(q, k, gate.mask_linear_k.weight, cos, sin, weight_q)
+    )
+    cells = [shape_name, length, policy_name, f"{old:.3f}", f"{fused:.3f}", f"{engine:.3f}",
+             f"{old / fused:.1f}×", f"{features:.3f}", f"{fused - features:.3f}",
+             f"{differing} / {kept}"]  # fmt: skip
+    return "| " + " | ".join(str(cell) for cell in cells) + " |", fused
+
+
+def sweep_rows(length: int, default_ms: float) -> list[str]:
+    """The fused path on the 8B shape (top-k 0.9) under other launch settings."""
+    gate, q, k, cos, sin = layer_inputs(SHAPES["llama-3.1-8b"], length)
+    policy = POLICIES["top-k 0.9"]
     sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+    rows = []
     for attribute, value in SWEEP:
         saved = getattr(gate_select, attribute)
         # _program_slots: programs per SM of the persistent selection kernel.
         per_sm = attribute == "_program_slots"
-        setattr(gate_select, attribute, (lambda device: sm_count * value) if per_sm else value)
+        setting = (lambda device, n=value: sm_count * n) if per_sm else value
+        setattr(gate_select, attribute, setting)
         try:
             ms = median_ms(lambda: gate_block_lists(gate, q, k, cos, sin, policy))
-            rows.append(f"| {shape_name} | {length} | {attribute} = {value}"
-                        f"{' per SM' if per_sm else ''} | {ms:.3f} | {default_ms:.3f} |")  # fmt: skip
         finally:
             setattr(gate_select, attribute, saved)
+        label = f"{attribute} = {value}{' per SM' if per_sm else ''}"
+        rows.append(f"| llama-3.1-8b | {length} | {label} | {ms:.3f} | {default_ms:.3f} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -123,9 +143,12 @@ def main() -> None:
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()
 
-    commit = os.environ.get("SEER_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = (
+        os.environ.get("SEER_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     title = (f"{torch.cuda.get_device_name()}, {datetime.date.today()}, commit {commit or '?'}, "
              f"torch {torch.__version__}, bf16, batch 1, ms per layer (median)")  # fmt: skip
     print(title, flush=True)
@@ -135,34 +158,24 @@ def main() -> None:
     defaults = {}
     for shape_name in args.shapes:
         for length in args.lengths:
-            gate, q, k, cos, sin = layer_inputs(SHAPES[shape_name], length)
-            for policy_name, policy in POLICIES.items():
-                differing, kept = differing_blocks(gate, q, k, cos, sin, policy)
-                old = median_ms(lambda: pytorch_path(gate, q, k, cos, sin, policy))
-                fused = median_ms(lambda: gate_block_lists(gate, q, k, cos, sin, policy))
-                engine = median_ms(lambda: engine_path(gate, q, k, cos, sin, policy))
-                weight_q = gate.mask_linear_q.weight if gate.mask_linear_q is not None else None
-                features = lambda: gate_select.gate_block_features(
-                    q, k, gate.mask_linear_k.weight, cos, sin, weight_q
-                )
-                features_ms = median_ms(features)
+            inputs = layer_inputs(SHAPES[shape_name], length)
+            for policy_name in POLICIES:
+                row, fused = timed_row(shape_name, length, inputs, policy_name)
                 defaults[(shape_name, length, policy_name)] = fused
-                lines.append(
-                    f"| {shape_name} | {length} | {policy_name} | {old:.3f} | {fused:.3f} | "
-                    f"{engine:.3f} | {old / fused:.1f}× | {features_ms:.3f} | "
-                    f"{fused - features_ms:.3f} | {differing} / {kept} |"
-                )
-                print(lines[-1], flush=True)
-            del gate, q, k
+                lines.append(row)
+                print(row, flush=True)
+            del inputs
             torch.cuda.empty_cache()
     sweep = []
     if args.sweep:
-        sweep = ["", "Launch settings (fused, top-k 0.9):", "",
-                 "| shape | length | setting | ms | default ms |", "|---|---|---|---|---|"]  # fmt: skip
+        sweep = [
+            "\nLaunch settings (fused, llama-3.1-8b, top-k 0.9):\n",
+            "| shape | length | setting | ms | default ms |",
+            "|---|---|---|---|---|",
+        ]
         for length in args.lengths:
-            key = ("llama-3.1-8b", length, "top-k 0.9")
-            if key in defaults:
-                sweep += sweep_rows("llama-3.1-8b", length, "top-k 0.9", defaults[key])
+            if ("llama-3.1-8b", length, "top-k 0.9") in defaults:
+                sweep += sweep_rows(length, defaults[("llama-3.1-8b", length, "top-k 0.9")])
     table = "\n".join([title, "", *lines, *sweep])
     if args.out:
         with open(args.out, "w") as f:
