@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 
 def profile_once(args, env: dict) -> dict:
@@ -42,7 +43,9 @@ def main() -> None:
         env = {**os.environ, "TRITON_CACHE_DIR": triton_cache, "SEER_CACHE_DIR": seer}
         runs = [profile_once(args, env) for _ in range(args.runs)]
 
-    info = runs[0]["info"]
+    if "OUT" in os.environ:  # the raw reports, beside the table
+        Path(os.environ["OUT"], "cold_start.json").write_text(json.dumps(runs, indent=1))
+    info = runs[0]
     print(f"\n{info['model']} on {info['device']}, {info['dtype']}, torch {info['torch']}")
     heads = ["test", "1st prefill, run 1 (empty caches) ms"]
     heads += [f"1st prefill, run {n} ms" for n in range(2, args.runs + 1)]
