@@ -34,38 +34,54 @@ DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
 
 
 @triton.jit
-def _pool_rows(base, stride_s, n_tokens, shift, first, col0, ROWS: tl.constexpr,
-               COLS: tl.constexpr, BLOCK: tl.constexpr, MIN_MAX: tl.constexpr):  # fmt: skip
-    """Pool channels [col0, col0 + COLS) of ROWS consecutive blocks from block ``first``:
-    (mean, max, min), each [ROWS, COLS] float32 (max and min zero unless MIN_MAX).
+def _pool_block(x, valid, count, MIN_MAX: tl.constexpr):
+    """(mean, max, min) over the valid rows of one block's tile x [BLOCK, C] float32."""
+    mean = tl.sum(x, 0) / count
+    high = mean
+    low = mean
+    if MIN_MAX:
+        high = tl.max(tl.where(valid[:, None], x, float("-inf")), 0)
+        low = tl.min(tl.where(valid[:, None], x, float("inf")), 0)
+    return mean, high, low
+
+
+@triton.jit
+def _pool_rows(base, stride_s, n_tokens, shift, first, ROWS: tl.constexpr, D2: tl.constexpr,
+               BLOCK: tl.constexpr, MIN_MAX: tl.constexpr):  # fmt: skip
+    """Pool ROWS consecutive blocks from block ``first`` into six [ROWS, D2] float32 tiles:
+    (max, min, mean) of channels [0, D2), then of [D2, 2·D2) — the order of the key linear's
+    weight rows. Max and min are zero unless MIN_MAX.
 
     Token t of the n_tokens at ``base`` sits at offset t + shift of the first block (shift < BLOCK:
     queries of a chunk that starts inside a block). A block pools the tokens it has; a block
     past the end pools to zeros.
     """
     offs_t = tl.arange(0, BLOCK)
-    offs_d = col0 + tl.arange(0, COLS)
+    offs_d = tl.arange(0, D2)
     row_ids = tl.arange(0, ROWS)
-    mean = tl.zeros([ROWS, COLS], dtype=tl.float32)
-    high = tl.zeros([ROWS, COLS], dtype=tl.float32)
-    low = tl.zeros([ROWS, COLS], dtype=tl.float32)
-    # Only the blocks that hold tokens.
+    high0 = tl.zeros([ROWS, D2], dtype=tl.float32)
+    high1, low0, low1, mean0, mean1 = high0, high0, high0, high0, high0
+    # Only the blocks that hold tokens; both channel halves of a block are loaded together.
     for r in range(0, tl.minimum(ROWS, tl.cdiv(n_tokens + shift, BLOCK) - first)):
         start = (first + r) * BLOCK - shift
         tokens = start + offs_t
         valid = (tokens >= 0) & (tokens < n_tokens)
-        # [BLOCK, COLS]
-        x = tl.load(base + tokens[:, None] * stride_s + offs_d[None, :], mask=valid[:, None],
-                    other=0.0).to(tl.float32)  # fmt: skip
+        ptrs = base + tokens[:, None] * stride_s + offs_d[None, :]
+        # [BLOCK, D2] each
+        x0 = tl.load(ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+        x1 = tl.load(ptrs + D2, mask=valid[:, None], other=0.0).to(tl.float32)
         count = tl.minimum(n_tokens, start + BLOCK) - tl.maximum(start, 0)
         here = row_ids[:, None] == r
-        mean = tl.where(here, (tl.sum(x, 0) / count)[None, :], mean)
+        m0, h0, l0 = _pool_block(x0, valid, count, MIN_MAX)
+        m1, h1, l1 = _pool_block(x1, valid, count, MIN_MAX)
+        mean0 = tl.where(here, m0[None, :], mean0)
+        mean1 = tl.where(here, m1[None, :], mean1)
         if MIN_MAX:
-            block_max = tl.max(tl.where(valid[:, None], x, float("-inf")), 0)
-            block_min = tl.min(tl.where(valid[:, None], x, float("inf")), 0)
-            high = tl.where(here, block_max[None, :], high)
-            low = tl.where(here, block_min[None, :], low)
-    return mean, high, low
+            high0 = tl.where(here, h0[None, :], high0)
+            high1 = tl.where(here, h1[None, :], high1)
+            low0 = tl.where(here, l0[None, :], low0)
+            low1 = tl.where(here, l1[None, :], low1)
+    return high0, high1, low0, low1, mean0, mean1
 
 
 @triton.jit
@@ -156,10 +172,8 @@ def _block_features(
         valid = blocks < tl.cdiv(q_tokens + shift, BLOCK)
         if first < tl.cdiv(q_tokens + shift, BLOCK):
             base = Q + batch * stride_qb + head * stride_qh
-            mean0, _, _ = _pool_rows(base, stride_qs, q_tokens, shift, first, 0, ROWS, D2, BLOCK,
-                                     False)  # fmt: skip
-            mean1, _, _ = _pool_rows(base, stride_qs, q_tokens, shift, first, D2, ROWS, D2,
-                                     BLOCK, False)  # fmt: skip
+            pooled = _pool_rows(base, stride_qs, q_tokens, shift, first, ROWS, D2, BLOCK, False)
+            mean0, mean1 = pooled[4], pooled[5]
             out = QF + batch * stride_qfb + head * stride_qfh
             table_rows = query_start // BLOCK + blocks
             if not GATE:
@@ -190,18 +204,14 @@ def _block_features(
         else:
             valid = blocks < tl.cdiv(k_len, BLOCK)
             if first < tl.cdiv(k_len, BLOCK):
-                mean0, high0, low0 = _pool_rows(base, stride_ks, k_len, 0, first, 0, ROWS, D2,
-                                                BLOCK, GATE)  # fmt: skip
-                mean1, high1, low1 = _pool_rows(base, stride_ks, k_len, 0, first, D2, ROWS,
-                                                D2, BLOCK, GATE)  # fmt: skip
+                pooled = _pool_rows(base, stride_ks, k_len, 0, first, ROWS, D2, BLOCK, GATE)
                 if GATE:
-                    _key_features((high0, high1, low0, low1, mean0, mean1), WK, KF, batch,
-                                  kv_head, k_out_per_kv, blocks, valid, cos, sin, stride_wkh,
-                                  stride_wki, stride_kfb, stride_kfh, stride_kfn, stride_ts, D2,
-                                  H2)  # fmt: skip
+                    _key_features(pooled, WK, KF, batch, kv_head, k_out_per_kv, blocks, valid,
+                                  cos, sin, stride_wkh, stride_wki, stride_kfb, stride_kfh,
+                                  stride_kfn, stride_ts, D2, H2)  # fmt: skip
                 else:
                     out = KF + batch * stride_kfb + kv_head * stride_kfh
-                    _store_halves(out, mean0, mean1, blocks, valid, stride_kfn, D2)
+                    _store_halves(out, pooled[4], pooled[5], blocks, valid, stride_kfn, D2)
 
 
 @triton.jit
@@ -223,17 +233,28 @@ def _top_k(x, candidate, k, SEL_ROWS: tl.constexpr):
     """Mask of each row's k largest x among ``candidate`` (ties go to the lowest column).
 
     x: [SEL_ROWS, KEYS] float32; k: [SEL_ROWS] int32, at most the row's candidates. The k-th
-    largest value is found exactly, bit by bit, on keys that order like the floats.
+    largest value is found exactly on keys that order like the floats, two bits per step. A
+    row's count is a cross-warp reduction, the cost here: a step's three counts travel in one
+    int64 sum, 21 bits each.
     """
     bits = x.to(tl.int32, bitcast=True)
     keys = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
     keys = tl.where(candidate, keys, 0)
     one = tl.full([SEL_ROWS], 1, dtype=tl.uint32)
+    field = (1 << 21) - 1
     kth = tl.zeros([SEL_ROWS], dtype=tl.uint32)
-    for i in range(32):
-        trial = kth | (one << (31 - i))
-        at_least = tl.sum((keys >= trial[:, None]).to(tl.int32), 1)
-        kth = tl.where(at_least >= k, trial, kth)
+    for i in range(16):
+        shift = 30 - 2 * i
+        trial1 = kth | (one << shift)
+        trial2 = kth | ((one + one) << shift)
+        trial3 = trial1 | trial2
+        packed = (keys >= trial1[:, None]).to(tl.int64)
+        packed += (keys >= trial2[:, None]).to(tl.int64) << 21
+        packed += (keys >= trial3[:, None]).to(tl.int64) << 42
+        counts = tl.sum(packed, 1)
+        kth = tl.where((counts & field) >= k, trial1, kth)
+        kth = tl.where(((counts >> 21) & field) >= k, trial2, kth)
+        kth = tl.where((counts >> 42) >= k, trial3, kth)
     above = keys > kth[:, None]
     ties = candidate & (keys == kth[:, None])
     spare = k - tl.sum(above.to(tl.int32), 1)
@@ -293,12 +314,11 @@ def _select_lists(
                         mask=(offs_k[None, :] <= row[:, None]) & row_ok[:, None],
                         other=float("-inf"))  # fmt: skip
             # The sink block is kept outside the ranking and counts inside the row's budget.
-            sink = (offs_k[None, :] == 0) & (row[:, None] > 0)
-            if not KEEP_SINK:
-                sink = (offs_k[None, :] < 0) & (row[:, None] > 0)
+            has_sink = (row > 0) & KEEP_SINK
+            sink = (offs_k[None, :] == 0) & has_sink[:, None]
             if TOP_K:
                 budget = tl.load(Budgets + row, mask=row_ok & (row < budget_rows), other=0)
-                budget -= tl.sum(sink.to(tl.int32), 1)
+                budget -= has_sink.to(tl.int32)
                 keep = _top_k(x, causal & ~sink, budget, SEL_ROWS)
             else:
                 # The softmax runs over j <= i: the diagonal counts, though it is not listed.
@@ -466,6 +486,8 @@ def block_lists_from_features(
     if budgets is not None and (budgets.dtype != torch.int32 or budgets.device != qf.device):
         raise ValueError("row budgets must be an int32 tensor on the features' device.")
     qf, kf = (x if x.stride(-1) == 1 else x.contiguous() for x in (qf, kf))
+    if keys >= 1 << 21:
+        raise ValueError(f"{keys} key blocks are more than the selection kernel counts (2^21).")
     width = width if width is not None else max(keys - 1, 1)
     indices = torch.empty(b, hq, n, width, dtype=torch.int32, device=qf.device)
     counts = torch.empty(b, hq, n, dtype=torch.int32, device=qf.device)

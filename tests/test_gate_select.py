@@ -144,6 +144,21 @@ def test_selection_in_several_passes_per_work_item(monkeypatch):
         torch.testing.assert_close(lists_to_mask(indices, counts, num_blocks(2100)), expected)
 
 
+def test_tied_logits_fill_each_budget_from_the_lowest_blocks():
+    """Equal logits (identical key blocks, as in a repeated text) still keep exactly each row's
+    budget: the sink, then the lowest blocks."""
+    nb, budget = 40, 5
+    qf = torch.ones(1, 2, nb, 64, device=KERNEL_DEVICE)
+    kf = -torch.ones(1, 1, nb, 64, device=KERNEL_DEVICE)
+    budgets = torch.full((nb,), budget, dtype=torch.int32, device=KERNEL_DEVICE)
+    indices, counts = block_lists_from_features(qf, kf, budgets=budgets, width=budget)
+    rows = torch.arange(nb, device=KERNEL_DEVICE)
+    assert torch.equal(counts[0, 0], rows.clamp(max=budget).int())
+    for row in (1, 3, 39):
+        kept = sorted(indices[0, 1, row, : counts[0, 1, row]].tolist())
+        assert kept == list(range(min(row, budget)))
+
+
 def test_the_features_are_the_gates_own_logits():
     gate, q, k, cos, sin = gate_inputs((200, 3, 1, 64, 128, True), torch.float32)
     qf, kf = gate_block_features(
