@@ -33,7 +33,7 @@ from seer_gates import (
     select_blocks,
 )
 from seer_gates.pooled_keys import PooledKeys
-from seer_kernels import gate_select, num_blocks
+from seer_kernels import gate_block_features, gate_features, gate_select, num_blocks
 from triton.testing import do_bench
 
 # name: (query heads, key/value heads, head_dim, gate hidden)
@@ -41,14 +41,15 @@ SHAPES = {"llama-3.1-8b": (32, 8, 128, 128), "smollm2-135m": (9, 3, 64, 128)}
 POLICIES = {"top-k 0.9": MaskPolicy(sparsity=0.9), "threshold 1": MaskPolicy(threshold=1.0)}
 # Launch settings tried by --sweep: (module attribute, value).
 SWEEP = [
-    ("FEATURE_WARPS", 4),
-    ("SELECT_WARPS", 4),
-    ("KEY_COLUMNS", 64),
-    ("SELECT_ELEMENTS", 2048),
-    ("SELECT_ELEMENTS", 8192),
-    ("STAGES", 3),
-    ("_program_slots", 1),
-    ("_program_slots", 4),
+    (gate_features, "FEATURE_WARPS", 4),
+    (gate_features, "FEATURE_STAGES", 3),
+    (gate_select, "SELECT_WARPS", 4),
+    (gate_select, "SELECT_STAGES", 3),
+    (gate_select, "KEY_COLUMNS", 64),
+    (gate_select, "SELECT_ELEMENTS", 2048),
+    (gate_select, "SELECT_ELEMENTS", 8192),
+    (gate_select, "_program_slots", 1),
+    (gate_select, "_program_slots", 4),
 ]
 
 
@@ -105,7 +106,7 @@ def timed_row(shape_name: str, length: int, inputs, policy_name: str) -> tuple[s
     engine = median_ms(lambda: engine_path(gate, q, k, cos, sin, policy))
     weight_q = gate.mask_linear_q.weight if gate.mask_linear_q is not None else None
     features = median_ms(
-        lambda: gate_select.gate_block_features(q, k, gate.mask_linear_k.weight, cos, sin, weight_q)
+        lambda: gate_block_features(q, k, gate.mask_linear_k.weight, cos, sin, weight_q)
     )
     cells = [shape_name, length, policy_name, f"{old:.3f}", f"{fused:.3f}", f"{engine:.3f}",
              f"{old / fused:.1f}×", f"{features:.3f}", f"{fused - features:.3f}",
@@ -119,16 +120,16 @@ def sweep_rows(length: int, default_ms: float) -> list[str]:
     policy = POLICIES["top-k 0.9"]
     sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
     rows = []
-    for attribute, value in SWEEP:
-        saved = getattr(gate_select, attribute)
+    for module, attribute, value in SWEEP:
+        saved = getattr(module, attribute)
         # _program_slots: programs per SM of the persistent selection kernel.
         per_sm = attribute == "_program_slots"
         setting = (lambda device, n=value: sm_count * n) if per_sm else value
-        setattr(gate_select, attribute, setting)
+        setattr(module, attribute, setting)
         try:
             ms = median_ms(lambda: gate_block_lists(gate, q, k, cos, sin, policy))
         finally:
-            setattr(gate_select, attribute, saved)
+            setattr(module, attribute, saved)
         label = f"{attribute} = {value}{' per SM' if per_sm else ''}"
         rows.append(f"| llama-3.1-8b | {length} | {label} | {ms:.3f} | {default_ms:.3f} |")
         print(rows[-1], flush=True)

@@ -18,7 +18,8 @@ from .block_sparse import (
     kept_block_indices,
 )
 from .block_sparse_cpu import block_sparse_attention_cpu
-from .gate_select import block_lists_from_features, gate_block_features, pooled_block_features
+from .gate_features import gate_block_features, pooled_block_features
+from .gate_select import block_lists_from_features
 from .pooled import pooled_attention
 from .reference import block_sparse_attention_reference, pooled_attention_reference
 
