@@ -1,9 +1,12 @@
 """The ``seer`` command: one module per sub-command under ``seer_cli.commands``."""
 
+import warnings
+
 import typer
 
 from .commands import batch, distill, eval, generate, profile
 from .config import apply_config_file
+from .console import show_python_warning
 
 app = typer.Typer(
     name="seer",
@@ -25,6 +28,7 @@ def root(ctx: typer.Context) -> None:
 
     Exit codes: 0 success, 1 user error, 2 usage error, 130 interrupted.
     """
+    warnings.showwarning = show_python_warning
     apply_config_file(ctx)
 
 

@@ -30,6 +30,12 @@ def warn(message: str) -> None:
     stderr.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
+def show_python_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: a library's warning (the engine falling
+    back to a slower path, say) as one line like ours, not two with a source line."""
+    warn(str(message))
+
+
 def _silence_stdout() -> None:
     """After the reader went away, point stdout at /dev/null so the final flush cannot fail."""
     devnull = os.open(os.devnull, os.O_WRONLY)

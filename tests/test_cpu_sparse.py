@@ -1,5 +1,6 @@
 """The CPU block-sparse kernel (C++, built once per machine) against a float64 oracle, the
-PyTorch reference and dense SDPA; and its fallback where it cannot be built.
+PyTorch reference and dense SDPA; its fallback where it cannot be built; and the engine's CPU
+path with it.
 
 CPU only: it runs the same on any machine (the first run builds the kernel, ~30 s).
 """
@@ -7,6 +8,7 @@ CPU only: it runs the same on any machine (the first run builds the kernel, ~30 
 import pytest
 import torch
 import torch.nn.functional as F
+from seer_gates import MaskPolicy
 from seer_kernels import (
     block_sparse_attention_cpu,
     block_sparse_attention_reference,
@@ -16,6 +18,12 @@ from seer_kernels import (
 from seer_kernels import block_sparse_cpu as cpu_module
 from test_chunked_kernels import chunk_mask, chunks
 from test_kernels import assert_close_to_oracle, oracle_attention, random_qkv
+from tiny_models import NUM_LAYERS, random_ids, tiny_gates, tiny_model
+
+from seer_cli.engine import attention
+from seer_cli.engine.attention import SparsePrefill, attention_kernel
+from seer_cli.engine.errors import SeerError
+from seer_cli.engine.generation import prefill
 
 # (seq_len, q_heads, kv_heads, head_dim): lengths around block edges and a partial last block,
 # GQA ratios 1, 3 and 4, head_dim 64 and 128.
@@ -134,3 +142,60 @@ def test_rejects_bad_lists():
         block_sparse_attention_cpu(q, k, v, indices.long(), counts)
     with pytest.raises(ValueError, match="shaped"):
         block_sparse_attention_cpu(q, k, v, indices[:, :, :2], counts)
+
+
+# ---------------------------------------------------------------- the engine's CPU path
+
+
+@pytest.mark.parametrize(
+    "policy", [MaskPolicy(sparsity=0.7), MaskPolicy(threshold=1.0)], ids=["topk", "threshold"]
+)
+@pytest.mark.parametrize("ubatch_size", [0, 128], ids=["one-pass", "chunks"])
+def test_engine_cpu_path_matches_the_reference_path(policy, ubatch_size, monkeypatch):
+    """The CPU picks this kernel by default; the model's logits are the reference path's."""
+    monkeypatch.delenv("SEER_ATTENTION_KERNEL", raising=False)
+    assert attention_kernel(torch.device("cpu")) == "cpu"
+    model = tiny_model("llama")
+    sparse = SparsePrefill(model, policy, tiny_gates(model))
+    calls = []
+    kernel = attention.block_sparse_attention_cpu
+    monkeypatch.setattr(
+        attention, "block_sparse_attention_cpu", lambda *args: calls.append(1) or kernel(*args)
+    )
+    try:
+        ids = random_ids(449)
+        logits = prefill(model, ids, ubatch_size=ubatch_size)[0]
+        kept = {layer: int(count) for layer, count in sparse.stats.kept.items()}
+        assert len(calls) == NUM_LAYERS * (1 if ubatch_size == 0 else 4)
+        sparse.stats.clear()
+        monkeypatch.setenv("SEER_ATTENTION_KERNEL", "reference")
+        expected = prefill(model, ids, ubatch_size=ubatch_size)[0]
+    finally:
+        sparse.detach()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert kept == {layer: int(count) for layer, count in sparse.stats.kept.items()}
+    assert sparse.stats.overall() > 0.1  # blocks were skipped
+
+
+def test_unknown_kernel_override_is_a_user_error(monkeypatch):
+    monkeypatch.setenv("SEER_ATTENTION_KERNEL", "fast")
+    with pytest.raises(SeerError, match="SEER_ATTENTION_KERNEL must be one of"):
+        attention_kernel(torch.device("cpu"))
+
+
+def test_a_build_is_announced_to_the_notifier(monkeypatch, tmp_path):
+    """The command line shows a transient line while the kernel compiles."""
+    from seer_kernels.tuning import set_tuning_notifier
+
+    def failed_build(*args):
+        raise cpu_module.CpuKernelUnavailable("stopped before compiling")
+
+    monkeypatch.setattr(cpu_module, "_build", failed_build)
+    notes = []
+    set_tuning_notifier(notes.append)
+    try:
+        with pytest.raises(cpu_module.CpuKernelUnavailable, match="stopped"):
+            cpu_module.load_cpu_kernel(tmp_path)
+    finally:
+        set_tuning_notifier(None)
+    assert notes == ["building the CPU attention kernel (once per machine)"]

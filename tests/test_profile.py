@@ -218,7 +218,7 @@ def test_kernel_markdown_table_and_crossover_notes(tiny_config):
 
 def test_kernel_json_is_one_object(tiny_config):
     data = json.loads(run_kernel(tiny_config, "json").stdout)
-    assert data["mode"] == "kernel" and data["attention_kernel"] == "reference"
+    assert data["mode"] == "kernel" and data["attention_kernel"] == "cpu"
     assert (data["num_q_heads"], data["num_kv_heads"], data["head_dim"]) == (4, 2, 64)
     assert [row["test"] for row in data["rows"]] == EXPECTED_TESTS
     for row in data["rows"]:
@@ -268,7 +268,7 @@ def slowed(fn, seconds: float):
 
 def test_breakdown_puts_each_piece_of_attention_in_its_column(monkeypatch):
     """Scoring sleeps 20 ms and the attention 60 ms per layer: each lands in its own part."""
-    monkeypatch.delenv("SEER_ATTENTION_KERNEL", raising=False)
+    monkeypatch.setenv("SEER_ATTENTION_KERNEL", "reference")
     monkeypatch.setattr(attention, "pooled_qk_scores", slowed(attention.pooled_qk_scores, 0.02))
     reference = slowed(attention.block_sparse_attention_reference, 0.06)
     monkeypatch.setattr(attention, "block_sparse_attention_reference", reference)

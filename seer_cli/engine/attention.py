@@ -21,18 +21,26 @@ from seer_gates import (
     pool_queries,
     pooled_block_lists,
     pooled_qk_scores,
+    select_block_lists,
     select_blocks,
 )
-from seer_kernels import block_sparse_attention_from_lists, block_sparse_attention_reference
+from seer_kernels import (
+    block_sparse_attention_cpu,
+    block_sparse_attention_from_lists,
+    block_sparse_attention_reference,
+    kept_block_indices,
+)
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from .errors import SeerError
 from .past_keys import PastKeys
 from .placement import layer_devices
 
 ATTENTION_NAME = "seer"
+KERNELS = ("triton", "cpu", "reference")
 
 
 def default_min_sparse_tokens(device: torch.device, sparsity: float | None) -> int:
@@ -47,13 +55,18 @@ def default_min_sparse_tokens(device: torch.device, sparsity: float | None) -> i
 
 
 def attention_kernel(device: torch.device) -> str:
-    """The one place that picks the sparse attention kernel: ``triton`` on a GPU, else
-    ``reference``; ``SEER_ATTENTION_KERNEL`` overrides (tests force ``triton`` on the CPU
-    under the Triton interpreter)."""
+    """The one place that picks the sparse attention kernel: ``triton`` on a GPU, ``cpu`` (the
+    C++ kernel, built once per machine) on the CPU. ``SEER_ATTENTION_KERNEL`` overrides with
+    ``triton`` (tests, on the CPU under the Triton interpreter), ``cpu`` or ``reference`` (the
+    plain-PyTorch reference)."""
     forced = os.environ.get("SEER_ATTENTION_KERNEL")
     if forced:
+        if forced not in KERNELS:
+            raise SeerError(
+                f"SEER_ATTENTION_KERNEL must be one of {', '.join(KERNELS)}, got {forced!r}."
+            )
         return forced
-    return "triton" if device.type == "cuda" else "reference"
+    return "triton" if device.type == "cuda" else "cpu"
 
 
 @dataclass
@@ -158,7 +171,8 @@ class SparsePrefill:
             self.stats.record(layer_idx, causal_blocks, causal_blocks)
             return causal_attention(q, k, v, scaling)
         total_blocks = block_count(prompt_end or s)
-        if attention_kernel(q.device) == "triton":
+        kernel = attention_kernel(q.device)
+        if kernel == "triton":
             # Gate scoring and selection fused into two launches, straight to the kernel's lists.
             indices, counts = self._block_lists(
                 layer_idx, q, k, captured, pooled_keys, total_blocks
@@ -166,6 +180,11 @@ class SparsePrefill:
             self.stats.record(layer_idx, counts.sum() + b * hq * rows, causal_blocks)
             return block_sparse_attention_from_lists(q, k, v, indices, counts, scaling)
         scores = self._scores(layer_idx, q, k, captured, pooled_keys, total_blocks)
+        if kernel == "cpu":
+            indices, counts = kept_lists(scores, self.policy, total_blocks)
+            del scores
+            self.stats.record(layer_idx, counts.sum() + b * hq * rows, causal_blocks)
+            return block_sparse_attention_cpu(q, k, v, indices, counts, scaling)
         mask = select_blocks(scores, self.policy, total_blocks)
         causal = torch.ones(rows, nb, dtype=torch.bool, device=mask.device).tril(first)
         self.stats.record(layer_idx, (mask & causal).sum(), causal_blocks)
@@ -203,6 +222,14 @@ class SparsePrefill:
             kept = {k: v for k, v in self._rope_cache.items() if k[:3] == key[:3]}
             self._rope_cache = {**kept, key: tables}
         return self._rope_cache[key]
+
+
+def kept_lists(scores: torch.Tensor, policy: MaskPolicy, total_blocks: int):
+    """The blocks ``select_blocks`` keeps, as the kernels' per-row lists (indices, counts):
+    top-k straight to lists, a threshold through its mask."""
+    if policy.sparsity is not None:
+        return select_block_lists(scores, policy, total_blocks)
+    return kept_block_indices(select_blocks(scores, policy, total_blocks))
 
 
 def block_rope(model, hidden_size: int, num_blocks: int, batch: int, device):

@@ -18,9 +18,13 @@ from seer_gates import (
     select_blocks,
 )
 from seer_gates.pooled_keys import PooledKeys
-from seer_kernels import block_sparse_attention_from_lists, block_sparse_attention_reference
+from seer_kernels import (
+    block_sparse_attention_cpu,
+    block_sparse_attention_from_lists,
+    block_sparse_attention_reference,
+)
 
-from ..engine.attention import attention_kernel
+from ..engine.attention import attention_kernel, kept_lists
 from ..engine.runtime import model_shape, pick_dtype
 from .report import Column, Report, Stat, ratio
 from .settings import ProgressCallback, row_name, run_info, sparsity_label
@@ -158,7 +162,8 @@ def _sparse_stats(gate, inputs, policy: MaskPolicy, repeats: int, device) -> dic
     The path is ``SparsePrefill.attend``'s: on a GPU the keys are pooled (``PooledKeys``, as
     kept for chunked prefill) and the fused gate kernels write the kernel's per-row block lists
     (``gates``), and the Triton kernel runs on them (``attention``); on the CPU the gate's scores
-    go through the PyTorch selection to a mask, and the reference takes it.
+    go through the PyTorch selection to the same lists, and the CPU kernel takes them (or, with
+    ``SEER_ATTENTION_KERNEL=reference``, to a mask that the reference takes).
     """
     q, k, v = inputs.q, inputs.k, inputs.v
 
@@ -170,12 +175,17 @@ def _sparse_stats(gate, inputs, policy: MaskPolicy, repeats: int, device) -> dic
         return gate_block_lists(gate, inputs.gate_q, pooled, inputs.cos, inputs.sin, policy,
                                 key_tokens=inputs.gate_k.shape[1])  # fmt: skip
 
-    if attention_kernel(device) == "triton":
-        gates = fused_lists
-        indices, counts = gates()
-        attention = partial(block_sparse_attention_from_lists, q, k, v, indices, counts)
-        total = lambda: block_sparse_attention_from_lists(q, k, v, *gates())
+    kernel = attention_kernel(device)
+    if kernel in ("triton", "cpu"):
         nb = block_count(q.shape[2])
+        if kernel == "triton":
+            gates, sparse_attention = fused_lists, block_sparse_attention_from_lists
+        else:
+            gates = lambda: kept_lists(scores(), policy, nb)
+            sparse_attention = block_sparse_attention_cpu
+        indices, counts = gates()
+        attention = partial(sparse_attention, q, k, v, indices, counts)
+        total = lambda: sparse_attention(q, k, v, *gates())
         kept = int(counts.sum()) + counts.numel()  # the diagonal blocks are not in the lists
         achieved = 1 - kept / (counts.numel() * (nb + 1) / 2)
     else:
