@@ -15,6 +15,8 @@
 #   bash benchmarks/multi_gpu_70b.sh 131072     # 1 repeat, ~7 minutes
 #   bash benchmarks/multi_gpu_70b.sh table      # the table of what has run
 #
+# UBATCH (default 8192, as seer generate) sets the prefill chunk sizes: UBATCH=0,8192 adds
+# one-pass rows (twice the time: one length per call then needs REPEATS=1).
 # CONFIG, DEVICE_MAP and DEVICE shrink it for a smoke test on the CPU, e.g. CONFIG=tiny.json
 # DEVICE=cpu DEVICE_MAP='{"": "cpu"}' bash benchmarks/multi_gpu_70b.sh 256.
 set -euo pipefail
@@ -23,6 +25,7 @@ OUT=${OUT:-$PWD/out}
 CONFIG=${CONFIG:-llama-3.1-70b}
 DEVICE_MAP=${DEVICE_MAP:-auto}
 DEVICE=${DEVICE:-auto}
+UBATCH=${UBATCH:-8192}
 mkdir -p "$OUT"
 
 # Without an installed package, import the folders under their package names.
@@ -36,12 +39,12 @@ fi
 seer() { python3 -c 'import sys; from seer_cli.app import main; sys.argv[0] = "seer"; main()' "$@"; }
 
 profile() {
-  local length=$1 repeats=2
-  [ "$length" -gt 65536 ] && repeats=1
+  local length=$1 repeats=${REPEATS:-2}
+  [ "$length" -gt 65536 ] && repeats=${REPEATS:-1}
   echo "== pp$length: $CONFIG, --device-map $DEVICE_MAP, $repeats repeat(s)" >&2
   local start=$SECONDS
   seer profile prefill --config "$CONFIG" --device "$DEVICE" --device-map "$DEVICE_MAP" \
-    --lengths "$length" --sparsities 0.9 --repeats "$repeats" --output json \
+    --lengths "$length" --sparsities 0.9 --ubatch-size "$UBATCH" --repeats "$repeats" --output json \
     > "$OUT/pp$length.json" 2> "$OUT/pp$length.log" || { tail -5 "$OUT/pp$length.log" >&2; return 1; }
   echo "   $((SECONDS - start)) s" >&2
 }
@@ -57,14 +60,15 @@ for index, path in enumerate(files):
     if index == 0:
         print(f"{data['model']}, {data['dtype']}, {data['device']}, layers per device "
               f"{data.get('layers_per_device', '-')}, torch {data['torch']}\n")
-        print("| test | TTFT ms | speedup vs dense | peak memory GB per GPU | achieved sparsity |")
-        print("|---|---|---|---|---|")
+        print("| test | ubatch | TTFT ms | speedup vs dense | peak memory GB per GPU "
+              "| achieved sparsity |")
+        print("|---|---|---|---|---|---|")
     for row in data["rows"]:
         ttft, speedup = row["ttft_ms"], row["speedup"]
         peaks = row.get("peak_memory_gb_per_device") or {"": row["peak_memory_gb"]}
         peak = " / ".join("-" if gb is None else f"{gb:.1f}" for gb in peaks.values())
         achieved = row["achieved_sparsity"]
-        print(f"| {row['test']} | {ttft['mean']:.0f} ± {ttft['std']:.0f} "
+        print(f"| {row['test']} | {row.get('ubatch', '-')} | {ttft['mean']:.0f} ± {ttft['std']:.0f} "
               f"| {speedup['mean']:.2f} | {peak} | {'-' if achieved is None else f'{achieved:.3f}'} |")
 EOF
 }
