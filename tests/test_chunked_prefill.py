@@ -277,3 +277,27 @@ def test_profile_ubatch_sizes_are_checked(text):
     with pytest.raises(SeerError, match="--ubatch-size takes 0"):
         parse_ubatch_sizes(text)
     assert parse_ubatch_sizes("8192, 0,8192") == [8192, 0]
+
+
+def test_profile_breakdown_sums_the_chunks(monkeypatch):
+    """Scoring sleeps 20 ms per layer and call: two chunks count twice."""
+    import time
+
+    from seer_cli.engine import attention
+    from seer_cli.measure import profiling
+
+    scores = attention.pooled_qk_scores
+
+    def slow_scores(*args):
+        time.sleep(0.02)
+        return scores(*args)
+
+    monkeypatch.delenv("SEER_ATTENTION_KERNEL", raising=False)
+    monkeypatch.setattr(attention, "pooled_qk_scores", slow_scores)
+    model = tiny_model("llama")
+    sparse = profiling.TimedSparsePrefill(model, MaskPolicy(sparsity=0.5), gates=None)
+    try:
+        breakdown = profiling.instrumented_prefill(sparse, random_ids(256), ubatch_size=128)
+    finally:
+        sparse.detach()
+    assert 2 * 20 * len(model.model.layers) <= breakdown.gates_ms < breakdown.total_ms

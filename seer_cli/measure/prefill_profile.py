@@ -39,7 +39,9 @@ class _NotifyingStats(SparsityStats):
 class TimedSparsePrefill(SparsePrefill):
     """SparsePrefill, sparse at every prompt length (the profile finds where that pays), that
     while ``timeline`` is set marks three points of each layer's attention as
-    ``(layer, point)``: ``start``, ``mask`` (the kept blocks are selected) and ``end``.
+    ``(layer, call, point)``: ``start``, ``mask`` (the kept blocks are selected) and ``end``;
+    ``call`` counts the layer's calls since the timeline was set (one per prefill chunk), and
+    ``calls[layer]`` holds their number.
 
     ``SparsePrefill.attend`` records the kept block counts in ``stats`` after selecting the
     blocks and before running the kernel: that call makes the ``mask`` mark. Each layer's
@@ -50,14 +52,17 @@ class TimedSparsePrefill(SparsePrefill):
         super().__init__(model, policy, gates, min_tokens=0)
         self.stats = _NotifyingStats(lambda layer: self._mark(layer, "mask"))
         self.timeline: Timeline | None = None
+        self.calls: Counter = Counter()
         self._layer_device: torch.device | None = None
 
     def _mark(self, layer_idx: int, point: str) -> None:
         if self.timeline is not None:
-            self.timeline.mark((layer_idx, point), self._layer_device)
+            call = self.calls[layer_idx] - 1
+            self.timeline.mark((layer_idx, call, point), self._layer_device)
 
     def attend(self, layer_idx: int, q, k, v, scaling, prompt_end=None) -> torch.Tensor:
         self._layer_device = q.device
+        self.calls[layer_idx] += 1
         self._mark(layer_idx, "start")
         out = super().attend(layer_idx, q, k, v, scaling, prompt_end)
         self._mark(layer_idx, "end")
@@ -85,7 +90,7 @@ def instrumented_prefill(
     marked, and split its time; a chunked prefill sums each layer's time over the chunks."""
     timeline = Timeline(input_ids.device)
     gpus = model_gpus(sparse.model)
-    sparse.timeline = timeline
+    sparse.timeline, sparse.calls = timeline, Counter()
     try:
         synchronize(input_ids.device)
         timeline.mark("start")
@@ -95,11 +100,11 @@ def instrumented_prefill(
             synchronize(gpu)
     finally:
         sparse.timeline = None
-    layers = range(len(sparse.model.model.layers))
+    calls = [(layer, call) for layer, count in sparse.calls.items() for call in range(count)]
     return Breakdown(
         total_ms=timeline.ms("start", "end"),
-        gates_ms=sum(timeline.ms((layer, "start"), (layer, "mask")) for layer in layers),
-        attention_ms=sum(timeline.ms((layer, "mask"), (layer, "end")) for layer in layers),
+        gates_ms=sum(timeline.ms((*c, "start"), (*c, "mask")) for c in calls),
+        attention_ms=sum(timeline.ms((*c, "mask"), (*c, "end")) for c in calls),
     )
 
 
