@@ -163,7 +163,8 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(indices.scalar_type() == at::kInt && counts.scalar_type() == at::kInt &&
                   indices.is_contiguous() && counts.is_contiguous(),
               "indices and counts must be contiguous int32 tensors");
-  auto out = at::empty(q.sizes(), q.options());
+  // Token-major, as the model takes the output next ([b, sq, Hq, d]): no copy to get there.
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
   const int64_t q_start = k.size(2) - q.size(2), rows = indices.size(2);
   const Problem p{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                   out.data_ptr<float>(), indices.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),

@@ -55,7 +55,8 @@ def block_sparse_attention_cpu(
     q: [b, Hq, sq, d], the last sq positions of k/v: [b, Hkv, s, d] (any s, d; Hq a multiple
     of Hkv). indices: [b, Hq, nq, w] int32, counts: [b, Hq, nq] int32: query block row r (key
     block nb - nq + r) attends to key blocks ``indices[..., r, :counts[..., r]]``, each below
-    it, in any order, plus its diagonal block. Returns [b, Hq, sq, d] in q's dtype.
+    it, in any order, plus its diagonal block. Returns [b, Hq, sq, d] in q's dtype, laid out
+    token-major ([b, sq, Hq, d] transposed: the layout the model's output projection takes).
     """
     check_attention_inputs(q, k, v, last_rows=True)
     b, hq, sq, _ = q.shape
