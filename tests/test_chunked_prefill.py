@@ -301,3 +301,16 @@ def test_profile_breakdown_sums_the_chunks(monkeypatch):
     finally:
         sparse.detach()
     assert 2 * 20 * len(model.model.layers) <= breakdown.gates_ms < breakdown.total_ms
+
+
+def test_pooled_keys_go_with_their_cache(attached):
+    """Nothing keeps a finished prompt's pooled keys alive once its cache is gone."""
+    import gc
+
+    model = tiny_model("llama")
+    sparse = attached(model, MaskPolicy(sparsity=0.5), tiny_gates(model))
+    _, cache = prefill(model, random_ids(300), ubatch_size=128)
+    assert len(sparse._past_keys._by_cache) == 1
+    del cache
+    gc.collect()
+    assert len(sparse._past_keys._by_cache) == 0

@@ -18,9 +18,10 @@ class PastKeys:
 
     def __init__(self, model):
         self.model = model
-        # Dropped with their cache; a forward without a cache object gets a throwaway record.
+        # Dropped with their cache: nothing here holds a cache or its keys alive. A forward
+        # without a cache object (one pass, nothing to continue) keeps no record.
         self._by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._layers: dict[int, PooledKeys] = {}
+        self._cache: weakref.ref | None = None
         self._hook = model.model.register_forward_pre_hook(self._note_cache, with_kwargs=True)
 
     def remove(self) -> None:
@@ -28,7 +29,7 @@ class PastKeys:
 
     def _note_cache(self, module, args, kwargs) -> None:
         cache = kwargs.get("past_key_values")
-        self._layers = {} if cache is None else self._by_cache.setdefault(cache, {})
+        self._cache = None if cache is None else weakref.ref(cache)
 
     def extend(self, layer_idx: int, new_keys: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
         """Pooled pre-RoPE keys ``[b, nb, Hkv, 3d]`` of every cached position.
@@ -37,9 +38,11 @@ class PastKeys:
         ``[b, Hkv, s, d]`` post-RoPE, the cache with them last.
         """
         past = cached.shape[2] - new_keys.shape[1]
-        pooled = self._layers.get(layer_idx)
+        cache = self._cache() if self._cache is not None else None
+        layers = {} if cache is None else self._by_cache.setdefault(cache, {})
+        pooled = layers.get(layer_idx)
         if pooled is None or pooled.tokens > past:
-            pooled = self._layers[layer_idx] = PooledKeys()
+            pooled = layers[layer_idx] = PooledKeys()
         if pooled.tokens < past:
             pooled.extend(undo_rope(self.model, cached[:, :, pooled.tokens : past], pooled.tokens))
         return pooled.extend(new_keys)
