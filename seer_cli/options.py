@@ -184,6 +184,7 @@ def check_generation_flags(
     if truncate is not None and truncate not in TRUNCATE_MODES:
         raise SeerError(f"--truncate must be one of {', '.join(TRUNCATE_MODES)}, got {truncate!r}.")
 
+
 def context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx) -> ContextSettings:
     """The context flags, checked before any model is loaded."""
     settings = ContextSettings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
