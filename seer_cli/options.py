@@ -65,7 +65,7 @@ UbatchSize = Annotated[
         envvar="SEER_UBATCH_SIZE",
         help="Prefill long prompts in chunks of this many tokens against the growing cache, "
         "which bounds the memory of activations (a multiple of 64; 0: in one pass; "
-        "default 8192).",
+        "default: 16384 for sparse prefill, one pass for dense).",
     ),
 ]
 Device = Annotated[str, typer.Option("--device", envvar="SEER_DEVICE", help="auto, cpu or cuda.")]

@@ -24,8 +24,8 @@ class EngineOptions:
     (``"0=70GiB,1=70GiB,cpu=100GiB"`` or a dict) spread the model over several devices.
     ``context``: the context size and RoPE scaling of prompts past the native context.
     ``ubatch_size``: prompts are prefilled in chunks of this many tokens (a multiple of 64; 0:
-    in one pass; None: ``generation.DEFAULT_UBATCH_SIZE``), which bounds the activations'
-    memory."""
+    in one pass; None: ``generation.DEFAULT_UBATCH_SIZE`` for sparse prefill, one pass for
+    dense), which bounds the activations' memory."""
 
     model: str | None = None
     gates: str = "auto"
@@ -105,7 +105,8 @@ class Engine:
                 raise SeerError(str(error)) from error
         options.context.check()
         ubatch_size = options.ubatch_size
-        ubatch_size = DEFAULT_UBATCH_SIZE if ubatch_size is None else ubatch_size
+        if ubatch_size is None:
+            ubatch_size = DEFAULT_UBATCH_SIZE if policy is not None else 0
         check_ubatch_size(ubatch_size)
         placement = Placement.parse(options.device_map, options.max_memory)
         device = pick_device(options.device, placement)
