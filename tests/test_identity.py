@@ -1,5 +1,7 @@
 """Gates are matched to a model by what it is (shapes, vocabulary, a few weights), not its name."""
 
+import json
+
 import pytest
 import torch
 from conftest import BOOK
@@ -80,3 +82,5 @@ def test_the_bundled_gguf_named_by_path_gets_the_shipped_gates(tmp_path):
     args += ["-p", "x", "--sparsity", "0.5", "-n", "4", "--json", "-q"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    # Recognised as the bundled model, it also gets the bundled model's extended context.
+    assert json.loads(result.stdout)["n_ctx"] == 32768

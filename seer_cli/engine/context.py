@@ -144,7 +144,7 @@ class ModelContext:
     def __init__(self, model, model_name: str, settings: ContextSettings):
         self.model = model
         self.name = model_name
-        self.plan = plan_context(model.config, model_name, settings)
+        self.plan = plan_context(model.config, _known_name(model, model_name), settings)
         self._native = _float32_rotary(model)
         self._scaled = None
 
@@ -189,6 +189,17 @@ class ModelContext:
             # up to the context size need float32 frequencies). Placed where its inputs are.
             self._scaled = type(native)(config=config).to(_rotary_input_device(self.model))
         return self._scaled
+
+
+def _known_name(model, model_name: str) -> str:
+    """The name the defaults know a model by: a model given by another path (the bundled GGUF
+    file, its converted copy) is recognised by the identity its shipped gates record."""
+    if model_name in EXTENDED_CONTEXT:
+        return model_name
+    from .identity import find_shipped_gates, recorded_base_model
+
+    path, _ = find_shipped_gates(model)
+    return recorded_base_model(path) if path is not None else model_name
 
 
 def _float32_rotary(model):

@@ -96,6 +96,13 @@ def recorded_identity(path: Path) -> dict | None:
         return None
 
 
+def recorded_base_model(path: Path) -> str:
+    """The name of the model a gate file was trained on."""
+    from seer_gates import read_gate_config
+
+    return read_gate_config(path).base_model
+
+
 def find_shipped_gates(model) -> tuple[Path | None, list[str]]:
     """The shipped gate file trained on ``model``, if any, and a description of every shipped
     file's model (for the message when none fits)."""
