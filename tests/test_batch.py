@@ -98,7 +98,7 @@ def test_bad_items_are_recorded_and_the_batch_goes_on(tmp_path, loads):
     good += write_docs(docs / "sub", 1)
     (docs / "binary.dat").write_bytes(b"\x7fELF\x00\x01\x02")
     (docs / "empty.txt").write_text("  \n")
-    (docs / "long.txt").write_text("word " * 9000)  # more tokens than the model's context
+    (docs / "long.txt").write_text("word " * 40000)  # more tokens than the model's context
     (docs / ".hidden.txt").write_text("A hidden file is skipped.")
     (docs / ".git").mkdir()
     (docs / ".git" / "HEAD").write_text("So is a hidden folder.")
