@@ -28,15 +28,8 @@ DEVICE=${DEVICE:-auto}
 UBATCH=${UBATCH:-8192}
 mkdir -p "$OUT"
 
-# Without an installed package, import the folders under their package names.
-if ! python3 -c 'import seer_cli, seer_gates, seer_kernels' 2>/dev/null; then
-  mkdir -p /tmp/pkgs
-  ln -sfn "$PWD/kernels" /tmp/pkgs/seer_kernels
-  ln -sfn "$PWD/gates" /tmp/pkgs/seer_gates
-  ln -sfn "$PWD/seer_cli" /tmp/pkgs/seer_cli
-  export PYTHONPATH=/tmp/pkgs${PYTHONPATH:+:$PYTHONPATH}
-fi
-seer() { python3 -c 'import sys; from seer_cli.app import main; sys.argv[0] = "seer"; main()' "$@"; }
+# shellcheck source=benchmarks/seer_env.sh
+source "$(dirname "$0")/seer_env.sh"
 
 profile() {
   local length=$1 repeats=${REPEATS:-2}
