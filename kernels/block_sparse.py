@@ -93,6 +93,21 @@ def check_block_mask(block_mask: torch.Tensor, q: torch.Tensor, kv_len: int) -> 
         raise ValueError("block_mask must be on the same device as q.")
 
 
+def check_block_lists(q: torch.Tensor, k: torch.Tensor, indices, counts) -> None:
+    """Per-row block lists must be int32 and shaped for q's query block rows over k's keys."""
+    b, hq, s, _ = q.shape
+    nq = query_blocks(s, k.shape[2])[1]
+    if indices.dtype != torch.int32 or counts.dtype != torch.int32:
+        raise ValueError("indices and counts must be int32 tensors.")
+    if indices.dim() != 4 or tuple(indices.shape[:3]) != (b, hq, nq):
+        raise ValueError(
+            f"indices must be shaped [{b}, {hq}, {nq}, width] for {s} queries over "
+            f"{k.shape[2]} keys, got {tuple(indices.shape)}."
+        )
+    if tuple(counts.shape) != (b, hq, nq):
+        raise ValueError(f"counts must be shaped [{b}, {hq}, {nq}], got {tuple(counts.shape)}.")
+
+
 def kept_block_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """List each query block row's kept off-diagonal key blocks, in ascending order.
 
@@ -167,17 +182,7 @@ def block_sparse_attention_from_lists(
     selection produces directly, without a mask.
     """
     check_attention_inputs(q, k, v, last_rows=True)
-    b, hq, s, _ = q.shape
-    nq = query_blocks(s, k.shape[2])[1]
-    if indices.dtype != torch.int32 or counts.dtype != torch.int32:
-        raise ValueError("indices and counts must be int32 tensors.")
-    if indices.dim() != 4 or tuple(indices.shape[:3]) != (b, hq, nq):
-        raise ValueError(
-            f"indices must be shaped [{b}, {hq}, {nq}, width] for {s} queries over "
-            f"{k.shape[2]} keys, got {tuple(indices.shape)}."
-        )
-    if tuple(counts.shape) != (b, hq, nq):
-        raise ValueError(f"counts must be shaped [{b}, {hq}, {nq}], got {tuple(counts.shape)}.")
+    check_block_lists(q, k, indices, counts)
     check_kernel_launch(q)
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
     return _launch_block_sparse(q, k, v, indices, counts, softmax_scale(sm_scale, q.shape[-1]))

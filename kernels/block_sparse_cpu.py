@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ._common import BLOCK, check_attention_inputs, query_blocks, softmax_scale
+from ._common import BLOCK, check_attention_inputs, softmax_scale
+from .block_sparse import check_block_lists
 from .reference import block_sparse_attention_reference
 from .tuning import notify, seer_cache_dir
 
@@ -59,17 +60,7 @@ def block_sparse_attention_cpu(
     token-major ([b, sq, Hq, d] transposed: the layout the model's output projection takes).
     """
     check_attention_inputs(q, k, v, last_rows=True)
-    b, hq, sq, _ = q.shape
-    nq = query_blocks(sq, k.shape[2])[1]
-    if indices.dtype != torch.int32 or counts.dtype != torch.int32:
-        raise ValueError("indices and counts must be int32 tensors.")
-    if indices.dim() != 4 or tuple(indices.shape[:3]) != (b, hq, nq):
-        raise ValueError(
-            f"indices must be shaped [{b}, {hq}, {nq}, width] for {sq} queries over "
-            f"{k.shape[2]} keys, got {tuple(indices.shape)}."
-        )
-    if tuple(counts.shape) != (b, hq, nq):
-        raise ValueError(f"counts must be shaped [{b}, {hq}, {nq}], got {tuple(counts.shape)}.")
+    check_block_lists(q, k, indices, counts)
     if q.device.type != "cpu":
         raise ValueError(f"block_sparse_attention_cpu takes CPU tensors, got {q.device}.")
     scale = softmax_scale(sm_scale, q.shape[-1])
