@@ -13,10 +13,10 @@ import statistics
 
 import torch
 
-from seer_cli.engine.runtime import Engine, EngineOptions
 from seer_cli.engine.generation import SamplingOptions
-from seer_cli.progress import quiet_libraries
 from seer_cli.engine.prompt import read_document
+from seer_cli.engine.runtime import Engine, EngineOptions
+from seer_cli.progress import quiet_libraries
 
 
 def ttft_ms(engine: Engine, ids: list[int], repeats: int) -> tuple[float, float, float | None]:
