@@ -17,7 +17,7 @@ from seer_kernels import (
 )
 from seer_kernels import block_sparse_cpu as cpu_module
 from test_chunked_kernels import chunk_mask, chunks
-from test_kernels import assert_close_to_oracle, oracle_attention, random_qkv
+from test_kernels import assert_close_to_oracle, oracle_attention, random_qkv, shape_id
 from tiny_models import NUM_LAYERS, random_ids, tiny_gates, tiny_model
 
 from seer_cli.engine import attention
@@ -36,11 +36,6 @@ SHAPES = [
     (4097, 8, 2, 64),
 ]
 MASKS = ["random", "diagonal", "full"]
-
-
-def shape_id(shape) -> str:
-    s, hq, hkv, d = shape
-    return f"s{s}-hq{hq}-hkv{hkv}-d{d}"
 
 
 def block_mask(kind: str, batch: int, heads: int, rows: int, cols: int, seed: int = 0):
