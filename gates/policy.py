@@ -20,6 +20,8 @@ class MaskPolicy:
         1 / (i + 1): τ = 1 keeps the blocks above average, at any prompt length (an absolute
         score threshold keeps ever fewer blocks as rows grow longer).
     keep_sink: always keep the first key block of every row.
+    local_blocks: always keep the key blocks just before each row's diagonal, this many (a
+        local window; in row i, blocks max(0, i - local_blocks) … i - 1).
     dense_last_row: always keep every causal block of the last query row.
     The diagonal block is always kept.
     """
@@ -28,6 +30,7 @@ class MaskPolicy:
     threshold: float | None = None
     keep_sink: bool = True
     dense_last_row: bool = True
+    local_blocks: int = 0
 
     def __post_init__(self):
         if (self.sparsity is None) == (self.threshold is None):
@@ -36,6 +39,9 @@ class MaskPolicy:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}.")
         if self.threshold is not None and not 0.0 <= self.threshold < math.inf:
             raise ValueError(f"threshold must be finite and 0 or more, got {self.threshold}.")
+        local = self.local_blocks
+        if isinstance(local, bool) or not isinstance(local, int) or local < 0:
+            raise ValueError(f"local_blocks must be an integer, 0 or more, got {local!r}.")
 
 
 @functools.lru_cache(maxsize=16)
@@ -46,16 +52,26 @@ def _causal(nb: int, device: torch.device, rows: int | None = None) -> torch.Ten
 
 
 @functools.lru_cache(maxsize=16)
-def _forced_on(nb: int, keep_sink: bool, dense_last_row: bool, device, rows: int | None = None):
-    policy = MaskPolicy(sparsity=0.0, keep_sink=keep_sink, dense_last_row=dense_last_row)
+def _forced_on(nb: int, keep_sink: bool, local: int, dense_last_row: bool, device, rows=None):
+    policy = MaskPolicy(
+        sparsity=0.0, keep_sink=keep_sink, local_blocks=local, dense_last_row=dense_last_row
+    )
     return _forced(nb, policy, rows).to(device)
+
+
+def _window(rows: int, nb: int, local_blocks: int, first: int, device=None) -> torch.Tensor:
+    """`[rows, nb]` bool: in block row first + r, the ``local_blocks`` key blocks before its
+    diagonal (fewer near the start)."""
+    row = torch.arange(first, first + rows, device=device)[:, None]
+    col = torch.arange(nb, device=device)
+    return (col < row) & (col >= row - local_blocks)
 
 
 def _forced(nb: int, policy: MaskPolicy, rows: int | None = None) -> torch.Tensor:
     """Blocks kept whatever the scores: `[rows, nb]` bool for the last `rows` block rows
     (default all nb), on the CPU. The dense last row is block nb - 1's."""
     rows = nb if rows is None else rows
-    forced = torch.zeros(rows, nb, dtype=torch.bool)
+    forced = _window(rows, nb, policy.local_blocks, nb - rows)
     forced[:, nb - rows :].fill_diagonal_(True)
     if policy.keep_sink:
         forced[:, 0] = True
@@ -97,11 +113,20 @@ class _TopkPlan:
 
 @functools.lru_cache(maxsize=16)
 def _topk_plan(
-    nb: int, sparsity: float, keep_sink: bool, dense_last_row: bool, device, with_diagonal: bool
+    nb: int,
+    sparsity: float,
+    keep_sink: bool,
+    local_blocks: int,
+    dense_last_row: bool,
+    device,
+    with_diagonal: bool,
 ) -> _TopkPlan:
     """``with_diagonal`` False leaves the diagonal out of the budgets (the kernel computes it
     anyway). Cached: no host-to-device copy, and so no wait for the GPU, on every layer."""
-    policy = MaskPolicy(sparsity=sparsity, keep_sink=keep_sink, dense_last_row=dense_last_row)
+    policy = MaskPolicy(
+        sparsity=sparsity, keep_sink=keep_sink, local_blocks=local_blocks,
+        dense_last_row=dense_last_row,
+    )  # fmt: skip
     budgets = _row_budgets(_forced(nb, policy), policy) - (0 if with_diagonal else 1)
     rows = nb - 1 if dense_last_row else nb
     k = int(budgets[:rows].max()) if rows else 0
@@ -110,18 +135,19 @@ def _topk_plan(
 
 
 def _ranking_bias(
-    rows: int, nb: int, keep_sink: bool, with_diagonal: bool, device, first: int = 0
+    rows: int, nb: int, policy: MaskPolicy, with_diagonal: bool, device, first: int = 0
 ) -> torch.Tensor:
     """[rows, nb] float32 added to the scores of block rows first, first + 1, … before top-k:
-    -inf where a block is never ranked, +inf where it is forced (sink, and the diagonal when
-    ranked), 0 elsewhere. Built on the device each call rather than cached, so that it holds no
-    memory between prefills."""
+    -inf where a block is never ranked, +inf where it is forced (sink, local window, and the
+    diagonal when ranked), 0 elsewhere. Built on the device each call rather than cached, so
+    that it holds no memory between prefills."""
     never = torch.ones(rows, nb, dtype=torch.bool, device=device)
     never = never.triu(first + (1 if with_diagonal else 0))
     bias = torch.zeros(rows, nb, device=device).masked_fill_(never, -math.inf)
+    bias.masked_fill_(_window(rows, nb, policy.local_blocks, first, device), math.inf)
     if with_diagonal:
         bias[:, first:].diagonal().fill_(math.inf)
-    if keep_sink:
+    if policy.keep_sink:
         # Block row 0 has no sink to rank apart from its diagonal.
         bias[max((0 if with_diagonal else 1) - first, 0) :, 0] = math.inf
     return bias
@@ -129,8 +155,9 @@ def _ranking_bias(
 
 def _plan_for(nb: int, policy: MaskPolicy, device, with_diagonal: bool) -> _TopkPlan:
     return _topk_plan(
-        nb, policy.sparsity, policy.keep_sink, policy.dense_last_row, device, with_diagonal
-    )
+        nb, policy.sparsity, policy.keep_sink, policy.local_blocks, policy.dense_last_row,
+        device, with_diagonal,
+    )  # fmt: skip
 
 
 def _block_rows(scores: torch.Tensor, total_blocks: int | None) -> tuple[int, int]:
@@ -183,7 +210,7 @@ def select_blocks(
     device = scores.device
     causal = _causal(nb, device, rows)
     dense_row = policy.dense_last_row and nb == total
-    forced = _forced_on(nb, policy.keep_sink, dense_row, device, rows)
+    forced = _forced_on(nb, policy.keep_sink, policy.local_blocks, dense_row, device, rows)
     if policy.threshold is not None:
         return (scores > _row_thresholds(policy.threshold, nb, rows, device)) & causal | forced
 
@@ -191,7 +218,7 @@ def select_blocks(
     ranked, k = _ranked_rows(plan, first, rows)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=device)
     if k:
-        bias = _ranking_bias(ranked, nb, policy.keep_sink, True, device, first)
+        bias = _ranking_bias(ranked, nb, policy, True, device, first)
         top = (scores[..., :ranked, :].float() + bias).topk(k, dim=-1).indices
         keep = torch.arange(k, device=device) < plan.budgets[first : first + ranked, None]
         mask[..., :ranked, :].scatter_(-1, top, keep.expand_as(top))
@@ -224,7 +251,7 @@ def select_block_lists(
     counts = torch.empty(rows, dtype=torch.int32, device=device)
     counts[:ranked] = plan.budgets[first : first + ranked]
     if k:
-        bias = _ranking_bias(ranked, nb, policy.keep_sink, False, device, first)
+        bias = _ranking_bias(ranked, nb, policy, False, device, first)
         scored = scores[..., :ranked, :].float() + bias
         indices[..., :ranked, :k] = scored.topk(k, dim=-1).indices
     if dense_row:

@@ -63,7 +63,7 @@ def _select_lists(
     QF, KF, Budgets, Scratch, Indices, Counts,
     stride_qfb, stride_qfh, stride_qfn, stride_kfb, stride_kfh, stride_kfn,
     stride_ib, stride_ih, stride_in, stride_cb, stride_ch,
-    num_q_heads, kf_group, q_blocks, query_offset, budget_rows, dense_row, width,
+    num_q_heads, kf_group, q_blocks, query_offset, budget_rows, dense_row, local_blocks, width,
     num_items, groups_per_head, score_scale, threshold,
     HIDDEN: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, KEYS: tl.constexpr,
     SEL_ROWS: tl.constexpr, TOP_K: tl.constexpr, KEEP_SINK: tl.constexpr,
@@ -109,13 +109,17 @@ def _select_lists(
             x = tl.load(scratch + sel[:, None] * KEYS + offs_k[None, :],
                         mask=(offs_k[None, :] <= row[:, None]) & row_ok[:, None],
                         other=float("-inf"))  # fmt: skip
-            # The sink block is kept outside the ranking and counts inside the row's budget.
-            has_sink = (row > 0) & KEEP_SINK
-            sink = (offs_k[None, :] == 0) & has_sink[:, None]
+            # The local window (the last local_blocks before the diagonal) and the sink are kept
+            # outside the ranking and count inside the row's budget.
+            window = tl.minimum(row, local_blocks)
+            has_sink = (row > local_blocks) & KEEP_SINK  # a sink outside the window
+            forced = causal & (offs_k[None, :] >= (row - window)[:, None])
+            forced |= (offs_k[None, :] == 0) & has_sink[:, None]
             if TOP_K:
                 budget = tl.load(Budgets + row, mask=row_ok & (row < budget_rows), other=0)
-                budget -= has_sink.to(tl.int32)
-                keep = _top_k(x, causal & ~sink, budget, SEL_ROWS)
+                # Counted from the row index: a cross-warp sum is this kernel's cost.
+                budget -= window + has_sink.to(tl.int32)
+                keep = _top_k(x, causal & ~forced, budget, SEL_ROWS)
             else:
                 # The softmax runs over j <= i: the diagonal counts, though it is not listed.
                 scores = x * score_scale
@@ -126,7 +130,7 @@ def _select_lists(
                 p = p / tl.maximum(tl.sum(p, 1), 1.0)[:, None]  # ≥ 1 on real rows: exp(0)
                 # τ times the row's average probability, 1 / (row + 1): MaskPolicy's meaning.
                 keep = causal & (p > threshold / (row[:, None] + 1).to(tl.float32))
-            keep = keep | sink | (causal & (row[:, None] == dense_row))
+            keep = keep | forced | (causal & (row[:, None] == dense_row))
             slot = tl.cumsum(keep.to(tl.int32), 1) - 1
             out = Indices + batch * stride_ib + head * stride_ih
             out += (row - query_offset)[:, None] * stride_in + slot
@@ -153,6 +157,7 @@ def block_lists_from_features(
     threshold: float | None = None,
     scale: float = 1.0,
     keep_sink: bool = True,
+    local_blocks: int = 0,
     dense_row: int = -1,
     query_offset: int = 0,
     width: int | None = None,
@@ -166,7 +171,8 @@ def block_lists_from_features(
       diagonal not counted, the sink counted; the row's highest logits fill it;
     - threshold: blocks whose softmax probability over j ≤ i exceeds ``threshold`` times the
       row's average, 1 / (i + 1) (``MaskPolicy.threshold``);
-    - the first block if ``keep_sink``, and every block of absolute row ``dense_row``.
+    - the first block if ``keep_sink``, the ``local_blocks`` blocks before the diagonal (top-k:
+      counted in the budget, as the sink), and every block of absolute row ``dense_row``.
 
     ``width`` (default: the longest possible row) must bound every row's count. Returns
     (indices [b, Hq, n, width] int32, counts [b, Hq, n] int32): row i keeps
@@ -184,6 +190,8 @@ def block_lists_from_features(
         raise ValueError("block features must be float32, as gate_block_features makes them.")
     if budgets is not None and (budgets.dtype != torch.int32 or budgets.device != qf.device):
         raise ValueError("row budgets must be an int32 tensor on the features' device.")
+    if local_blocks < 0:
+        raise ValueError(f"local_blocks must be 0 or more, got {local_blocks}.")
     qf, kf = (x if x.stride(-1) == 1 else x.contiguous() for x in (qf, kf))
     if keys >= 1 << 21:
         raise ValueError(f"{keys} key blocks are more than the selection kernel counts (2^21).")
@@ -204,7 +212,7 @@ def block_lists_from_features(
             indices.stride(0), indices.stride(1), indices.stride(2),
             counts.stride(0), counts.stride(1),
             hq, hq // kf.shape[1], n, query_offset, budgets.numel() if top_k else 0, dense_row,
-            width, items, groups, scale, threshold if not top_k else 0.0,
+            min(local_blocks, keys), width, items, groups, scale, threshold if not top_k else 0.0,
             HIDDEN=hidden, ROWS=FEATURE_ROWS, COLS=KEY_COLUMNS, KEYS=key_slots,
             SEL_ROWS=max(1, min(FEATURE_ROWS, SELECT_ELEMENTS // key_slots)), TOP_K=top_k,
             KEEP_SINK=keep_sink, num_warps=SELECT_WARPS, num_stages=SELECT_STAGES,

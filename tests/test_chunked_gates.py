@@ -118,12 +118,19 @@ def test_scores_need_queries_within_the_keys():
 POLICIES = [
     MaskPolicy(sparsity=s, keep_sink=sink, dense_last_row=dense)
     for s, (sink, dense) in itertools.product([0.0, 0.5, 0.9], [(True, True), (False, False)])
-] + [MaskPolicy(threshold=0.05), MaskPolicy(threshold=0.05, keep_sink=False)]
+] + [
+    MaskPolicy(threshold=0.05),
+    MaskPolicy(threshold=0.05, keep_sink=False),
+    MaskPolicy(sparsity=0.5, local_blocks=3),
+    MaskPolicy(sparsity=0.9, keep_sink=False, local_blocks=1),
+    MaskPolicy(threshold=0.05, local_blocks=8),
+]
 
 
 def policy_id(policy: MaskPolicy) -> str:
     kind = f"s{policy.sparsity}" if policy.threshold is None else f"t{policy.threshold}"
-    return f"{kind}-sink{int(policy.keep_sink)}-last{int(policy.dense_last_row)}"
+    local = f"-local{policy.local_blocks}" if policy.local_blocks else ""
+    return f"{kind}-sink{int(policy.keep_sink)}-last{int(policy.dense_last_row)}{local}"
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=policy_id)

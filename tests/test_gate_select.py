@@ -30,9 +30,15 @@ pytestmark = needs_kernel_device
 # the published rule (h == d, no query linear) and gates with a query linear; GQA 1 and 3.
 GATE_CASES = [
     ((1, 2, 2, 64, 64, False), ["top-k 0.5"]),
-    ((65, 3, 1, 64, 128, True), ["top-k 0.5", "threshold, no sink"]),
-    ((1000, 3, 1, 128, 128, False), ["top-k 0.9, nothing forced", "threshold"]),
-    ((700, 2, 2, 128, 64, True), ["top-k 0.9", "threshold"]),
+    ((65, 3, 1, 64, 128, True), ["top-k 0.5", "threshold, no sink", "top-k 0.5, local 1"]),
+    (
+        (1000, 3, 1, 128, 128, False),
+        ["top-k 0.9, nothing forced", "threshold", "top-k 0.9, local 3", "threshold, local 8"],
+    ),
+    (
+        (700, 2, 2, 128, 64, True),
+        ["top-k 0.9", "threshold", "top-k 0.9, local 8, nothing else", "threshold, local 3"],
+    ),
 ]
 POLICIES = {
     "top-k 0.5": MaskPolicy(sparsity=0.5),
@@ -40,6 +46,14 @@ POLICIES = {
     "top-k 0.9, nothing forced": MaskPolicy(sparsity=0.9, keep_sink=False, dense_last_row=False),
     "threshold": MaskPolicy(threshold=1.0),
     "threshold, no sink": MaskPolicy(threshold=2.0, keep_sink=False, dense_last_row=False),
+    # Local windows: with the sink inside or outside the window, or no sink at all.
+    "top-k 0.5, local 1": MaskPolicy(sparsity=0.5, local_blocks=1),
+    "top-k 0.9, local 3": MaskPolicy(sparsity=0.9, local_blocks=3),
+    "top-k 0.9, local 8, nothing else": MaskPolicy(
+        sparsity=0.9, keep_sink=False, dense_last_row=False, local_blocks=8
+    ),
+    "threshold, local 3": MaskPolicy(threshold=1.0, local_blocks=3),
+    "threshold, local 8": MaskPolicy(threshold=2.0, keep_sink=False, local_blocks=8),
 }
 
 
@@ -95,7 +109,7 @@ def test_fused_gate_keeps_the_blocks_of_the_pytorch_path(shape, policy_name, dty
     torch.testing.assert_close(lists_to_mask(indices, counts, num_blocks(shape[0])), expected)
 
 
-@pytest.mark.parametrize("policy_name", ["top-k 0.5", "threshold"])
+@pytest.mark.parametrize("policy_name", ["top-k 0.5", "threshold", "top-k 0.9, local 3"])
 def test_fused_pooled_estimator_keeps_the_blocks_of_the_pytorch_path(policy_name):
     policy = POLICIES[policy_name]
     torch.manual_seed(1)
@@ -110,7 +124,7 @@ def test_fused_pooled_estimator_keeps_the_blocks_of_the_pytorch_path(policy_name
     torch.testing.assert_close(lists_to_mask(indices, counts, num_blocks(900)), expected)
 
 
-@pytest.mark.parametrize("policy_name", ["top-k 0.9", "threshold"])
+@pytest.mark.parametrize("policy_name", ["top-k 0.9", "threshold", "top-k 0.9, local 3"])
 @pytest.mark.parametrize("pooled", [False, True], ids=["raw-keys", "pooled-keys"])
 def test_a_chunk_of_queries_keeps_the_blocks_of_the_pytorch_path(policy_name, pooled):
     """Queries that are the last positions of the keys (a chunk of a prompt, or a prompt
@@ -180,6 +194,8 @@ def test_bad_arguments_raise_one_sentence():
         block_lists_from_features(qf, qf[:, :, :2], threshold=0.1)
     with pytest.raises(ValueError, match="int32"):
         block_lists_from_features(qf, qf, budgets=budgets.long())
+    with pytest.raises(ValueError, match="local_blocks"):
+        block_lists_from_features(qf, qf, threshold=0.1, local_blocks=-1)
     gate, q, k, cos, sin = gate_inputs((100, 2, 2, 64, 64, False), torch.float32)
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         gate_block_features(q[..., :48], k[..., :48], gate.mask_linear_k.weight[:, :144], cos,

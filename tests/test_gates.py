@@ -282,6 +282,32 @@ def test_single_block_is_kept():
         assert mask.all()
 
 
+def test_a_local_window_keeps_the_blocks_before_the_diagonal_inside_the_budget():
+    # Scores favour the oldest blocks, so only forcing keeps the two before each diagonal.
+    nb = 6
+    scores = -torch.arange(nb, dtype=torch.float32).expand(1, 1, nb, nb)
+    window = MaskPolicy(sparsity=0.9, local_blocks=2, dense_last_row=False)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 0, 1, 1, 1, 0],
+            [1, 0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(select_blocks(scores, window)[0, 0], expected)
+    # Budgets 1, 2, 3, 4, 4, 5 (ceil(0.8 (i + 1))): row 5 has room for one block the forced ones
+    # leave, its best-scoring.
+    roomier = MaskPolicy(sparsity=0.2, local_blocks=2, dense_last_row=False)
+    expected[5, 1] = True
+    assert torch.equal(select_blocks(scores, roomier)[0, 0], expected)
+    threshold = MaskPolicy(threshold=1e9, keep_sink=False, local_blocks=2, dense_last_row=False)
+    assert torch.equal(select_blocks(scores, threshold)[0, 0], causal(nb) & ~causal(nb).tril(-3))
+
+
 def test_threshold_keeps_scores_above_its_multiple_of_the_row_average_plus_forced():
     nb = 12
     scores = torch.rand(2, 3, nb, nb, generator=torch.Generator().manual_seed(15)) * 0.2
@@ -325,8 +351,10 @@ def test_kept_causal_blocks_counts_over_everything():
         {"threshold": -1e-3},
         {"sparsity": float("nan")},
         {"threshold": float("nan")},
+        {"sparsity": 0.5, "local_blocks": -1},
+        {"sparsity": 0.5, "local_blocks": 2.0},
     ],
-    ids=["neither", "both", "s1", "sneg", "tinf", "tneg", "snan", "tnan"],
+    ids=["neither", "both", "s1", "sneg", "tinf", "tneg", "snan", "tnan", "localneg", "localfloat"],
 )
 def test_policy_validation(kwargs):
     with pytest.raises(ValueError):
@@ -592,9 +620,17 @@ def _mask_from_lists(indices, counts, nb):
 
 @pytest.mark.parametrize("nb", [1, 2, 7, 33])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
-@pytest.mark.parametrize("keep_sink, dense_last_row", [(True, True), (False, False), (True, False)])
-def test_block_lists_keep_the_same_blocks_as_the_mask(nb, sparsity, keep_sink, dense_last_row):
-    policy = MaskPolicy(sparsity=sparsity, keep_sink=keep_sink, dense_last_row=dense_last_row)
+@pytest.mark.parametrize(
+    "keep_sink, dense_last_row, local_blocks",
+    [(True, True, 0), (False, False, 0), (True, False, 0), (True, True, 3), (False, False, 8)],
+)
+def test_block_lists_keep_the_same_blocks_as_the_mask(
+    nb, sparsity, keep_sink, dense_last_row, local_blocks
+):
+    policy = MaskPolicy(
+        sparsity=sparsity, keep_sink=keep_sink, dense_last_row=dense_last_row,
+        local_blocks=local_blocks,
+    )  # fmt: skip
     scores = torch.rand(2, 3, nb, nb, generator=torch.Generator().manual_seed(nb))
     indices, counts = select_block_lists(scores, policy)
     assert indices.dtype == counts.dtype == torch.int32
