@@ -25,12 +25,14 @@ class EngineOptions:
     ``context``: the context size and RoPE scaling of prompts past the native context.
     ``ubatch_size``: prompts are prefilled in chunks of this many tokens (a multiple of 64; 0:
     in one pass; None: ``generation.DEFAULT_UBATCH_SIZE`` for sparse prefill, one pass for
-    dense), which bounds the activations' memory."""
+    dense), which bounds the activations' memory. ``local_blocks``: key blocks before each
+    diagonal that sparse prefill always keeps (``MaskPolicy.local_blocks``)."""
 
     model: str | None = None
     gates: str = "auto"
     sparsity: float | None = None
     threshold: float | None = None
+    local_blocks: int = 0
     dense: bool = False
     device: str = "auto"
     dtype: str = "auto"
@@ -100,7 +102,10 @@ class Engine:
         policy = None
         if options.sparse:
             try:
-                policy = MaskPolicy(sparsity=options.sparsity, threshold=options.threshold)
+                policy = MaskPolicy(
+                    sparsity=options.sparsity, threshold=options.threshold,
+                    local_blocks=options.local_blocks,
+                )  # fmt: skip
             except ValueError as error:
                 raise SeerError(str(error)) from error
         options.context.check()
