@@ -61,8 +61,9 @@ class PrefillProgress:
 
 
 def print_stats(console: Console, stats: GenerationStats, requested_sparsity: float | None) -> None:
+    cached = f" (+{stats.cache_n} from the previous prompt's cache)" if stats.cache_n else ""
     console.print(
-        f"Prompt: {stats.prompt_n} tokens, {stats.prompt_per_second:.1f} tokens-per-sec, "
+        f"Prompt: {stats.prompt_n} tokens{cached}, {stats.prompt_per_second:.1f} tokens-per-sec, "
         f"TTFT {stats.ttft_ms / 1000:.3f} s"
     )
     console.print(

@@ -148,6 +148,23 @@ def test_jsonl_items_and_malformed_lines(tmp_path):
     assert both["id"] == "both" and "exactly one" in both["error"]
 
 
+def test_questions_over_one_document_read_it_once(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text(" ".join(TEXTS * 8))
+    items = tmp_path / "questions.jsonl"
+    items.write_text(
+        '{"id": 1, "file": "book.txt", "prompt": "Who crossed the bay?"}\n'
+        '{"id": 2, "file": "book.txt", "prompt": "When did the clock stop?"}\n'
+    )
+
+    first, second = records(run(str(items), "-n", "2", "--quiet").stdout)
+
+    assert first["cache_n"] == 0 and first["prompt_n"] > 400
+    # The document comes from the first item's cache: only the last block and the question
+    # are prefilled again.
+    assert second["cache_n"] % 64 == 0 and second["prompt_n"] < 64 + 32
+
+
 def test_resume_after_a_crash(tmp_path):
     paths = write_docs(tmp_path / "docs", 4)
     out = tmp_path / "out.jsonl"

@@ -205,6 +205,28 @@ def test_engine_generates_the_same_in_chunks(tmp_path):
     assert results[0, 0.7][1] > 0.3
 
 
+@pytest.mark.parametrize("sparsity", [None, 0.7])
+def test_engine_prefills_only_what_a_prompt_does_not_share_with_the_last(tmp_path, sparsity):
+    folder = save_tiny_model("llama", tmp_path / "tiny-llama")
+    model = tiny_model("llama")
+    gate_file = tmp_path / "gates.safetensors"
+    save_gates(gate_file, tiny_gates(model), gate_config(model, base_model="tiny-llama"))
+    document, question, other = random_ids(300)[0].tolist(), [5, 6, 7], [8, 9]
+    options = EngineOptions(
+        model=str(folder), gates=str(gate_file), sparsity=sparsity, sparse_min_tokens=0
+    )
+    engine = Engine.load(options)
+    first = engine.generate(document + question, SamplingOptions(max_tokens=4))
+    second = engine.generate(document + other, SamplingOptions(max_tokens=4))
+    unrelated = engine.generate(other + document, SamplingOptions(max_tokens=4))
+    fresh = Engine.load(options).generate(document + other, SamplingOptions(max_tokens=4))
+
+    assert first.stats.cache_n == 0 and unrelated.stats.cache_n == 0
+    # The 300 shared tokens, cut to whole blocks: 256 come from the cache, the rest is prefilled.
+    assert (second.stats.cache_n, second.stats.prompt_n) == (256, 46)
+    assert second.text == fresh.text
+
+
 @pytest.mark.parametrize("ubatch_size", [-64, 100])
 def test_engine_refuses_a_chunk_size_off_the_block(ubatch_size):
     with pytest.raises(SeerError, match="multiple of 64"):

@@ -82,6 +82,8 @@ def engines(engine_cache, monkeypatch):
         key = dataclasses.astuple(options)
         if key not in engine_cache:
             engine_cache[key] = _load(options)
+        # As in a fresh process: nothing kept from an earlier test's prompt.
+        engine_cache[key].prompt_cache.clear()
         return engine_cache[key]
 
     monkeypatch.setattr("seer_cli.engine.runtime.Engine.load", load)

@@ -232,8 +232,10 @@ def test_engine_loads_a_model_folder_with_a_gate_file(tiny_folder, tmp_path):
     nb = block_count(len(prompt.ids))
     assert result.stats.sparsity == pytest.approx(topk_sparsity(nb, 0.7), abs=1e-12)
     assert len(result.stats.sparsity_per_layer) == NUM_LAYERS
-    # A second prompt starts the stats afresh.
-    again = engine.generate(prompt.ids, SamplingOptions(max_tokens=1))
+    # A second prompt (sharing nothing with the first) starts the stats afresh.
+    other = engine.prompt(document="y" * 900, instruction="Go on.", max_tokens=8)
+    again = engine.generate(other.ids, SamplingOptions(max_tokens=1))
+    assert again.stats.cache_n == 0
     assert again.stats.sparsity == result.stats.sparsity
 
 

@@ -50,7 +50,8 @@ class GenerationStats:
     process's peak resident memory and the per-device map is empty.
     """
 
-    prompt_n: int = 0
+    prompt_n: int = 0  # prompt tokens prefilled
+    cache_n: int = 0  # prompt tokens taken from the cache of an earlier prompt instead
     prompt_ms: float = 0.0
     predicted_n: int = 0
     predicted_ms: float = 0.0
@@ -95,8 +96,12 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
+    """The text, its stats, and the cache: the prompt and the answer's tokens, which a later
+    prompt with the same beginning can continue."""
+
     text: str
     stats: GenerationStats
+    cache: object = None
 
 
 def _synchronize(gpus: list[torch.device]) -> None:
@@ -232,9 +237,13 @@ def generate(
     on_prefill_layer: Callable[[int, int], None] | None = None,
     on_first_token: Callable[[], None] = lambda: None,
     ubatch_size: int = 0,
+    cache=None,
 ) -> GenerationResult:
     """Prefill ``prompt_ids`` (in chunks of ``ubatch_size`` tokens, 0: one pass), then sample up
     to ``options.max_tokens`` tokens, streaming text.
+
+    ``cache``: holds the first tokens of ``prompt_ids`` already (an earlier prompt's, cropped to
+    what the two share); only the rest is prefilled.
 
     Ctrl-C during decoding stops early and returns what was generated, marked interrupted.
     """
@@ -244,13 +253,16 @@ def generate(
     sampler = _Sampler(options, device)
     stop_ids = _stop_ids(model, tokenizer)
     streamer = _CallbackStreamer(tokenizer, on_text)
-    stats = GenerationStats(prompt_n=len(prompt_ids))
+    past = cache.get_seq_length() if cache is not None else 0
+    stats = GenerationStats(prompt_n=len(prompt_ids) - past, cache_n=past)
     input_ids = torch.tensor([prompt_ids], device=device)
     generated: list[int] = []
 
     _synchronize(gpus)
     start = time.perf_counter()
-    logits, cache = prefill(model, input_ids, on_prefill_layer, ubatch_size=ubatch_size)
+    logits, cache = prefill(
+        model, input_ids[:, past:], on_prefill_layer, cache=cache, ubatch_size=ubatch_size
+    )
     token = sampler(input_ids, logits)
     _synchronize(gpus)
     stats.prompt_ms = stats.ttft_ms = (time.perf_counter() - start) * 1000
@@ -276,4 +288,4 @@ def generate(
     peaks = stats.peak_memory_gb_per_device = _gpu_peaks_gb(gpus)
     stats.peak_memory_gb = sum(peaks.values()) if gpus else _cpu_peak_gb()
     text = tokenizer.decode(generated, skip_special_tokens=True)
-    return GenerationResult(text, stats)
+    return GenerationResult(text, stats, cache)

@@ -10,6 +10,7 @@ from .identity import describe, find_shipped_gates, model_identity
 from .models import load_model, resolve_model
 from .placement import Placement
 from .prompt import PromptTokens, build_prompt
+from .prompt_cache import PromptCache
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -94,6 +95,7 @@ class Engine:
         self.name = name
         self.sparse_prefill = sparse_prefill
         self.context = context or ModelContext(model, name, ContextSettings())
+        self.prompt_cache = PromptCache()
 
     @classmethod
     def load(cls, options: EngineOptions) -> "Engine":
@@ -168,14 +170,22 @@ class Engine:
         self, prompt_ids: list[int], options: SamplingOptions, **callbacks
     ) -> GenerationResult:
         """Generate from ``prompt_ids``. The RoPE is the model's own when the prompt and up to
-        ``options.max_tokens`` answer tokens fit the native context, else the scaled one."""
+        ``options.max_tokens`` answer tokens fit the native context, else the scaled one.
+
+        The prompt's cache is kept until the next call: when that call's prompt begins with the
+        same tokens (``stats.cache_n``), only the rest is prefilled. ``prompt_cache.clear()``
+        hands its memory back.
+        """
         scaling = self.context.apply(len(prompt_ids) + options.max_tokens)
         if self.sparse_prefill is not None:
             self.sparse_prefill.stats.clear()
         result = generate(
             self.model, self.tokenizer, prompt_ids, options, ubatch_size=self.ubatch_size,
-            **callbacks,
+            cache=self.prompt_cache.take(prompt_ids, scaling), **callbacks,
         )  # fmt: skip
+        self.prompt_cache.keep(prompt_ids, result.cache, scaling)
+        # Held by the prompt cache alone, which lets it go before a prompt that shares nothing.
+        result.cache = None
         result.stats.set_context(self.context.size, self.context.native, scaling)
         if self.sparse_prefill is not None:
             result.stats.sparsity = self.sparse_prefill.stats.overall()
