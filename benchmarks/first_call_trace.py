@@ -1,0 +1,71 @@
+"""Where the first sparse prefill of a fresh process spends the time a warm one does not.
+
+Builds the profiled model (random weights and gates of a shipped config), runs one dense
+prefill first (as ``seer profile prefill`` does, so the GPU libraries are initialised), then
+the first sparse prefill under cProfile, then a warm one. Prints both times and the functions
+that took longest in the first call, by cumulative time. Run it twice with the same
+``TRITON_CACHE_DIR`` and ``SEER_CACHE_DIR`` to trace a later process (caches filled).
+
+    python benchmarks/first_call_trace.py --config llama-3.1-8b -l 32768 -s 0.9
+"""
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+from seer_cli.engine.attention import ATTENTION_NAME, SparsePrefill
+from seer_cli.engine.generation import DEFAULT_UBATCH_SIZE, prefill
+from seer_cli.measure.prefill_profile import random_subject
+from seer_cli.measure.settings import load_config, profile_device
+from seer_gates import MaskPolicy
+
+
+def timed_prefill(model, ids, ubatch_size: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    prefill(model, ids, ubatch_size=ubatch_size)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="llama-3.1-8b")
+    parser.add_argument("-l", "--length", type=int, default=32768)
+    parser.add_argument("-s", "--sparsity", type=float, default=0.9)
+    parser.add_argument("-ub", "--ubatch-size", type=int, default=DEFAULT_UBATCH_SIZE)
+    parser.add_argument("--top", type=int, default=30, help="functions to list")
+    args = parser.parse_args()
+
+    device = profile_device("auto")
+    if device.type != "cuda":
+        raise SystemExit("first_call_trace.py times GPU prefill: no CUDA device is visible.")
+    subject = random_subject(args.config, load_config(args.config), "auto", device)
+    model = subject.model
+    ids = torch.randint(model.config.vocab_size, (1, args.length), device=device)
+
+    model.set_attn_implementation(ATTENTION_NAME)
+    dense_first = timed_prefill(model, ids, 0)
+    dense_warm = timed_prefill(model, ids, 0)
+
+    SparsePrefill(model, MaskPolicy(sparsity=args.sparsity), subject.gates, min_tokens=0)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    sparse_first = timed_prefill(model, ids, args.ubatch_size)
+    profiler.disable()
+    sparse_warm = min(timed_prefill(model, ids, args.ubatch_size) for _ in range(2))
+
+    print(f"{args.config}, {args.length} tokens, ubatch {args.ubatch_size}, {device}")
+    print(f"dense: first {dense_first:.0f} ms, warm {dense_warm:.0f} ms")
+    print(f"sparse {args.sparsity}: first {sparse_first:.0f} ms (under cProfile), "
+          f"warm {sparse_warm:.0f} ms")
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.top)
+    print(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()
