@@ -44,6 +44,15 @@ Threshold = Annotated[
         "the blocks above average); adapts per head and row, means the same at any length.",
     ),
 ]
+LocalBlocks = Annotated[
+    int,
+    typer.Option(
+        "--local-blocks",
+        envvar="SEER_LOCAL_BLOCKS",
+        help="Always keep the N key blocks before each row's own block (a local window), inside "
+        "--sparsity's budget; the scores choose the rest (default 0: none).",
+    ),
+]
 Dense = Annotated[
     bool,
     typer.Option("--dense", envvar="SEER_DENSE", help="Dense attention: the unmodified model."),
@@ -160,7 +169,7 @@ Quiet = Annotated[
 
 
 def check_generation_flags(
-    *, sparsity, threshold, dense, max_tokens, temperature, top_p, top_k, truncate
+    *, sparsity, threshold, local_blocks, dense, max_tokens, temperature, top_p, top_k, truncate
 ) -> None:
     """Refuse nonsense values before any model is loaded, one sentence each."""
     from .engine.prompt import TRUNCATE_MODES
@@ -173,6 +182,8 @@ def check_generation_flags(
         raise SeerError(f"--sparsity must be in [0, 1), got {sparsity}.")
     if threshold is not None and not (0 <= threshold < math.inf):
         raise SeerError(f"--threshold must be a finite number, 0 or more, got {threshold}.")
+    if local_blocks < 0:
+        raise SeerError(f"--local-blocks must be 0 or more, got {local_blocks}.")
     if max_tokens < 1:
         raise SeerError(f"--max-tokens must be at least 1, got {max_tokens}.")
     if not (temperature >= 0 and math.isfinite(temperature)):

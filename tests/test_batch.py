@@ -290,6 +290,16 @@ def test_ctrl_c_stops_with_130_and_complete_lines(tmp_path):
         assert_succeeded(line, max_tokens=2)
 
 
+def test_policy_options_reach_the_engine(tmp_path, loads, monkeypatch):
+    monkeypatch.setenv("SEER_LOCAL_BLOCKS", "4")
+    write_docs(tmp_path / "docs", 1)
+
+    result = run(str(tmp_path / "docs"), "-n", "1", "--sparsity", "0.9", "--gates", "pooled")
+
+    assert result.exit_code == 0, result.output
+    assert loads == [EngineOptions(gates="pooled", sparsity=0.9, local_blocks=4)]
+
+
 def test_nothing_left_to_do_loads_no_model(tmp_path, loads):
     paths = write_docs(tmp_path / "docs", 2)
     out = tmp_path / "out.jsonl"

@@ -238,6 +238,9 @@ BAD_INPUT = [
     pytest.param(lambda d: ["--threshold", "inf"], ["--threshold"], id="threshold-inf"),
     pytest.param(lambda d: ["--threshold", "-0.5"], ["--threshold"], id="threshold-neg"),
     pytest.param(
+        lambda d: ["--local-blocks", "-2"], ["--local-blocks", "0 or more", "-2"], id="local-neg"
+    ),
+    pytest.param(
         lambda d: ["--sparsity", "0.5", "--threshold", "0.1"],
         ["--sparsity", "--threshold", "not both"],
         id="sparsity-and-threshold",

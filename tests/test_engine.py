@@ -239,6 +239,14 @@ def test_engine_loads_a_model_folder_with_a_gate_file(tiny_folder, tmp_path):
     assert again.stats.sparsity == result.stats.sparsity
 
 
+def test_engine_policy_keeps_the_local_window(tiny_folder):
+    options = EngineOptions(model=str(tiny_folder), gates="pooled", sparsity=0.5, local_blocks=3)
+    policy = Engine.load(options).sparse_prefill.policy
+    assert policy == MaskPolicy(sparsity=0.5, local_blocks=3)
+    with pytest.raises(SeerError, match="local_blocks must be"):
+        Engine.load(dataclasses.replace(options, local_blocks=-1))
+
+
 def test_engine_refuses_gates_for_another_shape(tiny_folder, tmp_path):
     model = tiny_model("qwen3")
     gate_file = tmp_path / "gates.safetensors"

@@ -198,11 +198,18 @@ def test_evaluation_on_a_model_reports_achieved_sparsity_and_bounded_recall():
     model = tiny_model("llama")
     windows = [random_ids(640, seed=i)[0] for i in range(2)]
     evaluation = Evaluation(model, char_tokenizer(), tiny_gates(model), windows)
-    perplexity_rows = evaluation.perplexity([0.7], [])
+    perplexity_rows = evaluation.perplexity([0.7], [], local_blocks=[0, 3])
     recall_rows = evaluation.recall([0.0, 0.7])
 
     expected = topk_sparsity(10, 0.7)
-    assert [row.achieved_sparsity for row in perplexity_rows[1:]] == pytest.approx([expected] * 4)
+    # Rows 4 … 8 of 10 keep their diagonal, sink and 3-block window (5 blocks, more than the
+    # budget), rows 0 … 3 every block, the last row all 10: 45 of 55.
+    windowed = 1 - 45 / 55
+    achieved = {row.policy: row.achieved_sparsity for row in perplexity_rows[1:]}
+    assert achieved == pytest.approx(
+        {"gates": expected, "gates+local3": windowed, "oracle-mass": expected, "pooled": expected,
+         "pooled+local3": windowed, "sink+local": expected}
+    )  # fmt: skip
     assert recall_rows[0].recall == pytest.approx(dict.fromkeys(ESTIMATORS, 1.0))
     high = recall_rows[1]
     assert high.achieved_sparsity == pytest.approx(expected)
@@ -322,12 +329,15 @@ def small_run(setup: dict[str, str], *extra: str):
 
 
 def test_json_holds_every_table(tiny_setup):
-    result = small_run(tiny_setup, "--json")
+    result = small_run(tiny_setup, "--json", "--local-blocks", "0,2")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["model"] == "tiny-llama" and report["windows"] == 2 and report["seq_len"] == 256
     ppl = report["perplexity"]
-    assert len(ppl) == 1 + 4 * 2 + 1 and ppl[0]["policy"] == "dense"
+    assert len(ppl) == 1 + 6 * 2 + 1 and ppl[0]["policy"] == "dense"
+    assert [row["policy"] for row in ppl[1:7]] == [
+        "gates", "gates+local2", "oracle-mass", "pooled", "pooled+local2", "sink+local",
+    ]  # fmt: skip
     assert all(row["perplexity"] > 1 for row in ppl)
     assert [row["sparsity"] for row in report["recall"]] == [0.5, 0.9]
     assert set(report["recall"][0]["recall"]) == set(ESTIMATORS)
@@ -355,6 +365,9 @@ BAD_INPUT = [
     (["--sparsities", "half"], ["--sparsities", "comma-separated numbers"]),
     (["--sparsities", ""], ["--sparsities", "at least one"]),
     (["--thresholds", "-0.1"], ["--thresholds", "0 or more"]),
+    (["--local-blocks", "0,-4"], ["--local-blocks", "0 or more", "-4"]),
+    (["--local-blocks", "4.5"], ["--local-blocks", "whole numbers"]),
+    (["--local-blocks", ""], ["--local-blocks", "at least one"]),
     (["--depths", "1.5"], ["--depths", "[0, 1]"]),
     (["--tasks", "speed"], ["--tasks", "perplexity, recall, passkey"]),
     (["--seq-len", "64"], ["--seq-len", "at least 128"]),

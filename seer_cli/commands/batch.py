@@ -97,6 +97,7 @@ def batch(
     sparse_min_tokens: opt.SparseMinTokens = None,
     ubatch_size: opt.UbatchSize = None,
     threshold: opt.Threshold = None,
+    local_blocks: opt.LocalBlocks = 0,
     dense: opt.Dense = False,
     device: opt.Device = "auto",
     device_map: opt.DeviceMap = None,
@@ -116,8 +117,8 @@ def batch(
 ) -> None:
     """Run many documents through one loaded model, writing one JSON line per document."""
     opt.check_generation_flags(
-        sparsity=sparsity, threshold=threshold, dense=dense, max_tokens=max_tokens,
-        temperature=temp, top_p=top_p, top_k=top_k, truncate=truncate,
+        sparsity=sparsity, threshold=threshold, local_blocks=local_blocks, dense=dense,
+        max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, truncate=truncate,
     )  # fmt: skip
     context = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
     if resume and out is None:
@@ -136,9 +137,9 @@ def batch(
             quiet_libraries()
             engine = Engine.load(
                 EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
-                              dense=dense, device=device, dtype=dtype, device_map=device_map,
-                              sparse_min_tokens=sparse_min_tokens, max_memory=max_memory,
-                              ubatch_size=ubatch_size, context=context)
+                              local_blocks=local_blocks, dense=dense, device=device, dtype=dtype,
+                              device_map=device_map, sparse_min_tokens=sparse_min_tokens,
+                              max_memory=max_memory, ubatch_size=ubatch_size, context=context)
             )  # fmt: skip
             sampling = SamplingOptions(
                 max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed

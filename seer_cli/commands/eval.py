@@ -8,8 +8,9 @@ the RoPE scaling of ``--ctx-size``, ``--rope-scaling``, … as ``seer generate``
   given the whole window (scaled), so the extension is measured against the native context;
 - perplexity (of the last ``--tail`` tokens of each window), dense and sparse: the learned
   gates, the true-attention-mass oracle, the pooled estimator and a sink + local window at
-  each of ``--sparsities``, the gates at each of ``--thresholds``, with the sparsity each
-  achieved;
+  each of ``--sparsities`` (the gates and the pooled estimator also with each forced local
+  window of ``--local-blocks``, rows ``gates+local4``, …), the gates at each of
+  ``--thresholds``, with the sparsity each achieved;
 - attention recall at equal sparsity: the share of the true attention mass inside the blocks
   kept by the gates, two oracles and two training-free baselines;
 - passkey retrieval: a 5-digit key hidden at each of ``--depths`` of filler text from the data,
@@ -70,6 +71,15 @@ def evaluate(
             "(perplexity).",
         ),
     ] = "0.5,1,2",
+    local_blocks: Annotated[
+        str,
+        typer.Option(
+            "--local-blocks",
+            help="Comma-separated local windows for the gates and the pooled estimator at each "
+            "sparsity: the key blocks before each row's own block always kept, inside the "
+            "budget (perplexity; 0: none).",
+        ),
+    ] = "0",
     depths: Annotated[
         str, typer.Option("--depths", help="Comma-separated passkey depths, shares of the prompt.")
     ] = "0.1,0.5,0.9",
@@ -114,6 +124,7 @@ def evaluate(
     context_settings = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
     sparsity_list = _fractions("--sparsities", sparsities)
     threshold_list = _thresholds(thresholds)
+    local_list = _local_blocks(local_blocks)
     depth_list = _fractions("--depths", depths, up_to_one=True)
     passkey_list = _fractions("--passkey-sparsities", passkey_sparsities)
     _check_flags(chosen, sparsity_list, depth_list, gates, seq_len, max_windows, trials)
@@ -173,7 +184,7 @@ def evaluate(
             report.context = evaluation.context_baseline(tracker("context"))
         if "perplexity" in chosen:
             report.perplexity = evaluation.perplexity(
-                sparsity_list, threshold_list, tracker("perplexity")
+                sparsity_list, threshold_list, tracker("perplexity"), local_list
             )
         if "recall" in chosen:
             report.recall = evaluation.recall(sparsity_list, tracker("recall"))
@@ -225,6 +236,22 @@ def _thresholds(text: str) -> list[float]:
     for value in values:
         if not 0 <= value < math.inf:
             raise SeerError(f"--thresholds values must be finite and 0 or more, got {value}.")
+    return values
+
+
+def _local_blocks(text: str) -> list[int]:
+    """Comma-separated whole numbers, 0 or more, once each; at least one."""
+    try:
+        values = list(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
+    except ValueError:
+        raise SeerError(
+            f"--local-blocks takes comma-separated whole numbers, got {text!r}."
+        ) from None
+    if not values:
+        raise SeerError("--local-blocks needs at least one value (0: no local window).")
+    for value in values:
+        if value < 0:
+            raise SeerError(f"--local-blocks values must be 0 or more, got {value}.")
     return values
 
 

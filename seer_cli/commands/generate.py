@@ -28,6 +28,7 @@ def generate(
     sparse_min_tokens: opt.SparseMinTokens = None,
     ubatch_size: opt.UbatchSize = None,
     threshold: opt.Threshold = None,
+    local_blocks: opt.LocalBlocks = 0,
     dense: opt.Dense = False,
     device: opt.Device = "auto",
     device_map: opt.DeviceMap = None,
@@ -53,8 +54,8 @@ def generate(
 ) -> None:
     """Generate text from a prompt and/or a document, with sparse prefill."""
     opt.check_generation_flags(
-        sparsity=sparsity, threshold=threshold, dense=dense, max_tokens=max_tokens,
-        temperature=temp, top_p=top_p, top_k=top_k, truncate=truncate,
+        sparsity=sparsity, threshold=threshold, local_blocks=local_blocks, dense=dense,
+        max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, truncate=truncate,
     )  # fmt: skip
     context = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
     document = _read_input(file)
@@ -70,9 +71,9 @@ def generate(
     quiet_libraries()
     engine = Engine.load(
         EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
-                      dense=dense, device=device, dtype=dtype, device_map=device_map,
-                      sparse_min_tokens=sparse_min_tokens, max_memory=max_memory,
-                      ubatch_size=ubatch_size, context=context)
+                      local_blocks=local_blocks, dense=dense, device=device, dtype=dtype,
+                      device_map=device_map, sparse_min_tokens=sparse_min_tokens,
+                      max_memory=max_memory, ubatch_size=ubatch_size, context=context)
     )  # fmt: skip
     tokens = engine.prompt(
         document=document.text if document else None, instruction=prompt, system=system,

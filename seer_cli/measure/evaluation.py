@@ -16,7 +16,7 @@ d head dim.
 import contextlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -34,6 +34,8 @@ from .selection import POST_ROPE_SCORES, RecallProbe, ScoredPrefill, attached, t
 ESTIMATORS = ("gates", "oracle-mass", "oracle-maxpool", "pooled", "sink+local")
 # The max-pooled oracle would need a dense pass of its own inside every sparse layer.
 PERPLEXITY_ESTIMATORS = ("gates", "oracle-mass", "pooled", "sink+local")
+# The estimators that may keep a forced local window on top of their scores.
+LOCAL_ESTIMATORS = ("gates", "pooled")
 LM_HEAD_CHUNK = 1024
 
 Progress = Callable[[int, int], None]
@@ -106,6 +108,12 @@ class SparsePolicy:
     estimator: str
     mask: MaskPolicy
 
+    @property
+    def label(self) -> str:
+        """The estimator, and its local window if any: ``gates+local4``."""
+        local = self.mask.local_blocks
+        return f"{self.estimator}+local{local}" if local else self.estimator
+
     def attach(self, model, gates: torch.nn.ModuleList) -> SparsePrefill:
         """Sparse prefill on ``model`` by this policy, at every prompt length (no dense
         fallback for short prompts); ``detach()`` it when done."""
@@ -116,12 +124,16 @@ class SparsePolicy:
         return ScoredPrefill(model, self.mask, POST_ROPE_SCORES[self.estimator])
 
 
-def perplexity_policies(sparsities: list[float], thresholds: list[float]) -> list[SparsePolicy]:
-    """Every perplexity estimator at each sparsity, then the gates at each threshold."""
+def perplexity_policies(
+    sparsities: list[float], thresholds: list[float], local_blocks: Sequence[int] = (0,)
+) -> list[SparsePolicy]:
+    """Every perplexity estimator at each sparsity, those of ``LOCAL_ESTIMATORS`` once per
+    local window of ``local_blocks`` (0: none), then the gates at each threshold."""
     policies = [
-        SparsePolicy(estimator, MaskPolicy(sparsity=sparsity))
+        SparsePolicy(estimator, MaskPolicy(sparsity=sparsity, local_blocks=local))
         for sparsity in sparsities
         for estimator in PERPLEXITY_ESTIMATORS
+        for local in (local_blocks if estimator in LOCAL_ESTIMATORS else (0,))
     ]
     policies += [SparsePolicy("gates", MaskPolicy(threshold=t)) for t in thresholds]
     return policies
@@ -132,7 +144,8 @@ def perplexity_policies(sparsities: list[float], thresholds: list[float]) -> lis
 
 @dataclass
 class PerplexityRow:
-    """``policy`` is ``dense`` or an estimator; ``sparsity``/``threshold`` the requested one."""
+    """``policy`` is ``dense`` or a ``SparsePolicy.label``; ``sparsity``/``threshold`` the
+    requested one."""
 
     policy: str
     sparsity: float | None
@@ -265,11 +278,15 @@ class Evaluation:
         return rows
 
     def perplexity(
-        self, sparsities: list[float], thresholds: list[float], progress: Progress = _no_progress
+        self,
+        sparsities: list[float],
+        thresholds: list[float],
+        progress: Progress = _no_progress,
+        local_blocks: Sequence[int] = (0,),
     ) -> list[PerplexityRow]:
         """Dense first, then every policy of ``perplexity_policies``; Δ% relative to dense."""
         self.context.apply(self.seq_len)
-        policies = [None, *perplexity_policies(sparsities, thresholds)]
+        policies = [None, *perplexity_policies(sparsities, thresholds, local_blocks)]
         rows = []
         for done, policy in enumerate(policies, start=1):
             rows.append(self._perplexity_row(policy))
@@ -287,7 +304,7 @@ class Evaluation:
             value = perplexity(self.model, self.windows, tail=self.tail)
         mask = policy.mask
         achieved = prefill.stats.overall()
-        return PerplexityRow(policy.estimator, mask.sparsity, mask.threshold, achieved, value)
+        return PerplexityRow(policy.label, mask.sparsity, mask.threshold, achieved, value)
 
     def recall(self, sparsities: list[float], progress: Progress = _no_progress) -> list[RecallRow]:
         """Recall of every estimator at each sparsity, averaged over layers and windows."""
