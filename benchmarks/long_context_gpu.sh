@@ -9,11 +9,11 @@
 # ../shared/data/books, else shared/data/books). Everything goes to OUT (default ./out): the new
 # gate file, each step's JSON output and stderr log; a short table is printed last.
 # Expected on an H100 (estimates): scaling about 1.5 minutes, distill about 3, eval32k about 3,
-# eval8k under 1; each stage alone fits a 10-minute call.
+# eval8k under 1, local about 4; each stage alone fits a 10-minute call.
 #
 #   bash benchmarks/long_context_gpu.sh            # all stages
 #   bash benchmarks/long_context_gpu.sh distill    # one stage: scaling, distill, eval32k, eval8k,
-#                                                  # table
+#                                                  # local, table
 #
 # LONG, NATIVE, STEPS and DISTILL_WINDOWS (default: all) shrink the run for a smoke test on the
 # CPU with a tiny model, e.g. MODEL=tiny-llama LONG=2048 NATIVE=1024 STEPS=2 DISTILL_WINDOWS=4.
@@ -95,6 +95,14 @@ eval8k() {
   done
 }
 
+local_windows() {
+  # Stage `local`: the shipped gates and the pooled estimator with forced local windows of 0, 4
+  # and 16 blocks against sink + local at 32k (perplexity only; needs no distill stage).
+  step local eval "${MODEL_ARGS[@]}" --gates "$SHIPPED_GATES" \
+    --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${EXTENSION[@]}" --max-windows 3 \
+    --sparsities 0.9,0.95,0.97 --thresholds '' --local-blocks 0,4,16 --tasks perplexity --json
+}
+
 table() {
   python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
@@ -115,7 +123,7 @@ if distill:
           f"scaling {distill.get('rope_scaling')}, val recall@0.9 {distill.get('val_recall'):.3f} "
           f"(oracle {distill.get('val_oracle_recall'):.3f})")
 names = sorted(path.stem for path in out.glob("scaling-*.json"))
-for name in names + ["eval32k-new", "eval32k-shipped", "eval8k-new", "eval8k-shipped"]:
+for name in names + ["eval32k-new", "eval32k-shipped", "eval8k-new", "eval8k-shipped", "local"]:
     report = load(name)
     if not report:
         continue
@@ -148,7 +156,9 @@ EOF
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(scaling distill eval32k eval8k table)
+[ ${#stages[@]} -gt 0 ] || stages=(scaling distill eval32k eval8k local table)
 for stage in "${stages[@]}"; do
+  # `local` is a shell builtin, so its stage's function has another name.
+  [ "$stage" = local ] && stage=local_windows
   "$stage"
 done
