@@ -1,10 +1,12 @@
-"""Where the first sparse prefill of a fresh process spends the time a warm one does not.
+"""Where the first sparse prefill of a fresh process spends the time a warm one does not, and
+where a warm one spends its host time.
 
 Builds the profiled model (random weights and gates of a shipped config), runs one dense
 prefill first (as ``seer profile prefill`` does, so the GPU libraries are initialised), then
-the first sparse prefill under cProfile, then a warm one. Prints both times and the functions
-that took longest in the first call, by cumulative time. Run it twice with the same
-``TRITON_CACHE_DIR`` and ``SEER_CACHE_DIR`` to trace a later process (caches filled).
+the first sparse prefill and a warm one, each under cProfile, then warm ones untraced. Prints
+the times and, for each traced call, the functions that took longest by cumulative time. Run
+it twice with the same ``TRITON_CACHE_DIR`` and ``SEER_CACHE_DIR`` to trace a later process
+(caches filled).
 
     python benchmarks/first_call_trace.py --config llama-3.1-8b -l 32768 -s 0.9
 """
@@ -16,11 +18,12 @@ import pstats
 import time
 
 import torch
+from seer_gates import MaskPolicy
+
 from seer_cli.engine.attention import ATTENTION_NAME, SparsePrefill
 from seer_cli.engine.generation import DEFAULT_UBATCH_SIZE, prefill
 from seer_cli.measure.prefill_profile import random_subject
 from seer_cli.measure.settings import load_config, profile_device
-from seer_gates import MaskPolicy
 
 
 def timed_prefill(model, ids, ubatch_size: int) -> float:
@@ -43,7 +46,8 @@ def main() -> None:
     device = profile_device("auto")
     if device.type != "cuda":
         raise SystemExit("first_call_trace.py times GPU prefill: no CUDA device is visible.")
-    subject = random_subject(args.config, load_config(args.config), "auto", device)
+    name, config = load_config(args.config)
+    subject = random_subject(name, config, "auto", device)
     model = subject.model
     ids = torch.randint(model.config.vocab_size, (1, args.length), device=device)
 
@@ -52,19 +56,29 @@ def main() -> None:
     dense_warm = timed_prefill(model, ids, 0)
 
     SparsePrefill(model, MaskPolicy(sparsity=args.sparsity), subject.gates, min_tokens=0)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    sparse_first = timed_prefill(model, ids, args.ubatch_size)
-    profiler.disable()
+    first_trace, sparse_first = traced(lambda: timed_prefill(model, ids, args.ubatch_size))
+    warm_trace, _ = traced(lambda: timed_prefill(model, ids, args.ubatch_size))
     sparse_warm = min(timed_prefill(model, ids, args.ubatch_size) for _ in range(2))
 
     print(f"{args.config}, {args.length} tokens, ubatch {args.ubatch_size}, {device}")
     print(f"dense: first {dense_first:.0f} ms, warm {dense_warm:.0f} ms")
-    print(f"sparse {args.sparsity}: first {sparse_first:.0f} ms (under cProfile), "
-          f"warm {sparse_warm:.0f} ms")
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.top)
-    print(text.getvalue())
+    print(
+        f"sparse {args.sparsity}: first {sparse_first:.0f} ms (under cProfile), "
+        f"warm {sparse_warm:.0f} ms"
+    )
+    for title, trace in (("first sparse prefill", first_trace), ("a warm one", warm_trace)):
+        text = io.StringIO()
+        pstats.Stats(trace, stream=text).sort_stats("cumulative").print_stats(args.top)
+        print(f"\n## {title}\n{text.getvalue()}")
+
+
+def traced(call):
+    """(cProfile.Profile, the call's result) of one call."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = call()
+    profiler.disable()
+    return profiler, result
 
 
 if __name__ == "__main__":
