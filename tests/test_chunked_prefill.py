@@ -296,9 +296,20 @@ def test_profile_rows_per_ubatch_size(monkeypatch):
 def test_profile_ubatch_sizes_are_checked(text):
     from seer_cli.measure.settings import parse_ubatch_sizes
 
-    with pytest.raises(SeerError, match="--ubatch-size takes 0"):
+    with pytest.raises(SeerError, match="--ubatch-size takes auto, 0"):
         parse_ubatch_sizes(text)
     assert parse_ubatch_sizes("8192, 0,8192") == [8192, 0]
+    assert parse_ubatch_sizes("auto,0") == [None, 0]
+
+
+def test_profile_chunks_as_generate_by_default(monkeypatch):
+    from seer_cli.measure import prefill_profile
+
+    model = tiny_model("llama")
+    subject = prefill_profile.PrefillSubject("tiny", model, tiny_gates(model), "random", "random")
+    monkeypatch.setattr(prefill_profile, "DEFAULT_UBATCH_SIZE", 128)
+    report = prefill_profile.profile_prefill(subject, [300], [0.5], 1)
+    assert [(row["sparsity"], row["ubatch"]) for row in report.rows] == [(None, 0), (0.5, 128)]
 
 
 def test_profile_breakdown_sums_the_chunks(monkeypatch):

@@ -113,9 +113,9 @@ def prefill(
             "-ub",
             envvar="SEER_PROFILE_UBATCH_SIZE",
             help="Prefill chunk sizes to profile, comma-separated: multiples of 64, 0 for one "
-            "pass (default 8192, as seer generate).",
+            "pass, auto as seer generate (dense in one pass, sparse in chunks of 16384).",
         ),
-    ] = "8192",
+    ] = "auto",
     device: opt.Device = "auto",
     device_map: opt.DeviceMap = None,
     max_memory: opt.MaxMemory = None,

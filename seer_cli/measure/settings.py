@@ -48,19 +48,21 @@ def parse_lengths(text: str | None, device: torch.device) -> list[int]:
     return sorted(lengths)
 
 
-def parse_ubatch_sizes(text: str) -> list[int]:
-    """Prefill chunk sizes from ``"0,8192"`` (0: the whole prompt in one pass), each a multiple
-    of 64, in the order given and without repeats."""
+def parse_ubatch_sizes(text: str) -> list[int | None]:
+    """Prefill chunk sizes from ``"0,8192"`` (0: the whole prompt in one pass; ``auto``, None:
+    what ``seer generate`` does), each a multiple of 64, in the order given and without
+    repeats."""
     sizes = []
     for item in text.split(","):
         item = item.strip()
-        if not item.isdecimal() or int(item) % 64:
+        if item != "auto" and (not item.isdecimal() or int(item) % 64):
             raise SeerError(
-                "--ubatch-size takes 0 (one pass) or multiples of 64 separated by commas, "
+                "--ubatch-size takes auto, 0 (one pass) or multiples of 64 separated by commas, "
                 f"got {item!r}."
             )
-        if int(item) not in sizes:
-            sizes.append(int(item))
+        size = None if item == "auto" else int(item)
+        if size not in sizes:
+            sizes.append(size)
     return sizes
 
 
