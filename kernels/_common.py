@@ -90,7 +90,13 @@ def contiguous_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_scale(sm_scale: float | None, head_dim: int) -> float:
-    return sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    """The given scale, default 1 / sqrt(head_dim); it must be positive (the kernels take each
+    row's max on the unscaled scores)."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not sm_scale > 0:
+        raise ValueError(f"sm_scale must be positive, got {sm_scale}.")
+    return sm_scale
 
 
 def seq_bucket(seq_len: int) -> int:
@@ -111,6 +117,22 @@ def program_coordinates(num_q_heads, kv_group):
     batch = (bh // num_q_heads).to(tl.int64)
     head = (bh % num_q_heads).to(tl.int64)
     return block_m, batch, head, head // kv_group
+
+
+@triton.jit
+def group_major_coordinates(num_q_heads, kv_group):
+    """:func:`program_coordinates` for a launch grid (query block rows · kv_group, batch · Hkv).
+
+    The kv_group query heads that read one key/value head are neighbouring programs on the same
+    query row, so a key/value tile that several of them load comes from memory once and then
+    from L2; the last query rows, which attend to the most blocks, start first.
+    """
+    rows = tl.num_programs(0) // kv_group
+    block_m = (rows - 1 - tl.program_id(0) // kv_group).to(tl.int64)
+    num_kv_heads = num_q_heads // kv_group
+    batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
+    kv_head = (tl.program_id(1) % num_kv_heads).to(tl.int64)
+    return block_m, batch, kv_head * kv_group + tl.program_id(0) % kv_group, kv_head
 
 
 @triton.jit
@@ -175,14 +197,16 @@ def attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep):
 
     acc: [BLOCK_M, HEAD_DIM] fp32; l_i, m_i: [BLOCK_M] running sum and max (base-2 domain);
     q: [BLOCK_M, HEAD_DIM]; k: [HEAD_DIM, BLOCK_N] (transposed); v: [BLOCK_N, HEAD_DIM];
-    keep: [BLOCK_M, BLOCK_N] bool, or None for a full tile that needs no masking.
+    keep: [BLOCK_M, BLOCK_N] bool, or None for a full tile that needs no masking;
+    qk_scale > 0: the softmax scale times log2(e). The max is taken on the unscaled scores and
+    scaled once per row, so each score costs one FMA (``qk · qk_scale − m``) in the exponent.
     """
     # [BLOCK_M, BLOCK_N]
-    qk = tl.dot(q, k) * qk_scale
+    qk = tl.dot(q, k)
     if keep is not None:
         qk = tl.where(keep, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])

@@ -196,6 +196,23 @@ def test_custom_scale_and_strided_inputs():
 
 
 @needs_kernel_device
+@pytest.mark.parametrize("padded", ["k", "v"])
+def test_unaligned_kv_rows_give_the_reference_result(padded, poisoned_empty):
+    """K or V rows that are not 16-byte aligned (no tensor descriptor can address them) take the
+    pointer loads, with the same result as aligned copies of the same inputs."""
+    shape = (200, 8, 2, 64)
+    q, k, v = random_qkv(shape, KERNEL_DTYPES[0], KERNEL_DEVICE, seed=9)
+    unaligned = {"k": k, "v": v}
+    # Rows of 65 elements: the row stride is 130 or 260 bytes.
+    unaligned[padded] = F.pad(unaligned[padded], (0, 1))[..., :64]
+    mask = make_mask("random", 2, 8, 200, KERNEL_DEVICE, seed=9)
+    out = block_sparse_attention(q, unaligned["k"], unaligned["v"], mask)
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, mask), rtol=1e-3, atol=1e-3)
+    ref = block_sparse_attention_reference(q, k, v, mask)
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+
+
+@needs_kernel_device
 def test_block_lists_in_any_order_give_the_mask_result(poisoned_empty):
     """Per-row lists (here reversed, with junk past each count) equal the mask they describe."""
     shape = (300, 4, 2, 64)
@@ -246,6 +263,13 @@ def test_bad_inputs_raise_value_error(change, message):
     args = change(*_valid_inputs())
     with pytest.raises(ValueError, match=message):
         block_sparse_attention_reference(*args)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.1])
+def test_scale_must_be_positive(scale):
+    q, k, v, mask = _valid_inputs()
+    with pytest.raises(ValueError, match="sm_scale must be positive"):
+        block_sparse_attention_reference(q, k, v, mask, sm_scale=scale)
 
 
 def test_kernel_rejects_unsupported_head_dim():
