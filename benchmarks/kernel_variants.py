@@ -4,15 +4,13 @@ Every variant computes what ``seer_kernels.block_sparse_attention_from_lists`` c
 prompt, q_start = 0): per query block row, the kept 64×64 key tiles of its list plus the causal
 diagonal tile. Variants:
 
-- ``current``: the library kernel with its shipped launch configuration.
-- ``fma``: the same loop; the softmax scale folded into one FMA (``qk·c − m``, the row max taken
-  on the unscaled scores), at a few fixed warps/stages.
-- ``group``: ``fma`` with the grid ordered so the query heads of one key/value head run side by
-  side on the same query row (their tiles share K/V in L2).
-- ``tma``: ``fma`` with the K/V tiles loaded through Hopper TMA (in-kernel tensor descriptors);
-  ``tma+group`` both.
-- ``wide``: ``fma`` taking two list entries per step, 64×128 score tiles (half the softmax
-  rescales, wider MMAs); an odd last entry runs as a 64-wide tile.
+- ``current``: the library kernel with its shipped launch configuration. It took over the
+  variants that won here on an H100 (the softmax scale in one FMA, group order, TMA loads; the
+  docstring of ``kernels/block_sparse.py`` gives their times); the variants below lost to them
+  and stay as the record, with their own loop, the library's ``attend_tile`` and the plain
+  head-major order.
+- ``wide``: two list entries per step, 64×128 score tiles (half the softmax rescales, wider
+  MMAs); an odd last entry runs as a 64-wide tile.
 - ``pair128``: 128-row query tiles covering two adjacent rows. The two rows' lists become one
   union list (host-side, in PyTorch, timed apart as ``pair128 prep``), each entry
   ``column·4 + flags`` (bit 0: the upper row keeps the tile, bit 1: the lower row); the half
@@ -53,12 +51,14 @@ from seer_kernels import (
 )
 from seer_kernels._common import (
     LOG2_E,
+    attend_tile,
     load_diagonal_tile,
     load_kv_tile,
     program_coordinates,
     start_query_block,
     store_query_block,
 )
+from seer_kernels.block_sparse import _set_scratch_allocator
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 TIMED = [  # (length, sparsity, list source)
@@ -75,25 +75,8 @@ TIMED = [  # (length, sparsity, list source)
 
 
 @triton.jit
-def attend_tile_fma(acc, l_i, m_i, q, k, v, qk_scale, keep):
-    """``_common.attend_tile`` with the scale applied inside the exponent's FMA: the row max is
-    taken on raw scores (the scale is positive), so each score costs one FMA, not a multiply and
-    a subtraction. Same arguments and results."""
-    # [BLOCK_M, BLOCK_N]
-    qk = tl.dot(q, k)
-    if keep is not None:
-        qk = tl.where(keep, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
-
-
-@triton.jit
 def attend_rows(acc, l_i, m_i, q, k, v, qk_scale, keep_row):
-    """:func:`attend_tile_fma` for a full tile that only some rows kept (keep_row [BLOCK_M]
+    """``_common.attend_tile`` for a full tile that only some rows kept (keep_row [BLOCK_M]
     bool): the others keep their state. Their scores may overflow in exp2; the select drops
     them, and their alpha is 1 even while their max is still -inf."""
     # [BLOCK_M, BLOCK_N]
@@ -132,58 +115,6 @@ def load_listed_tile(k_base, v_base, k_desc, v_desc, block, offs_n, offs_d, stri
 
 
 @triton.jit
-def group_major_coordinates(num_q_heads, kv_group):
-    """:func:`program_coordinates` for a grid (rows · kv_group, batch · Hkv): the query heads
-    sharing one key/value head are neighbouring programs on the same row, heaviest rows
-    first."""
-    rows = tl.num_programs(0) // kv_group
-    block_m = (rows - 1 - tl.program_id(0) // kv_group).to(tl.int64)
-    num_kv_heads = num_q_heads // kv_group
-    batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
-    kv_head = (tl.program_id(1) % num_kv_heads).to(tl.int64)
-    return block_m, batch, kv_head * kv_group + tl.program_id(0) % kv_group, kv_head
-
-
-@triton.jit
-def _fma_fwd(
-    Q, K, V, Out, BlockIdx, BlockCount,
-    stride_qh, stride_qs, stride_kh, stride_ks, stride_ih, stride_im, stride_ch,
-    num_q_heads, kv_group, seq_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-    GROUP_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
-):  # fmt: skip
-    """The current kernel's loop (batch 1, q/k/v/out contiguous and shaped alike) with
-    :func:`attend_tile_fma`; optionally group-major program order and TMA tile loads."""
-    if GROUP_MAJOR:
-        block_m, _, head, kv_head = group_major_coordinates(num_q_heads, kv_group)
-    else:
-        block_m, _, head, kv_head = program_coordinates(num_q_heads, kv_group)
-    k_base = K + kv_head * stride_kh
-    v_base = V + kv_head * stride_kh
-    q, offs_m, row_valid, acc, l_i, m_i = start_query_block(
-        Q + head * stride_qh, block_m, stride_qs, 0, seq_len, HEAD_DIM, BLOCK
-    )
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_desc, v_desc = None, None
-    if USE_TMA:
-        k_desc, v_desc = kv_descriptors(k_base, v_base, seq_len, stride_ks, HEAD_DIM, BLOCK)
-
-    idx_base = BlockIdx + head * stride_ih + block_m * stride_im
-    count = tl.load(BlockCount + head * stride_ch + block_m)
-    for t in range(0, count):
-        k, v = load_listed_tile(k_base, v_base, k_desc, v_desc, tl.load(idx_base + t), offs_n,
-                                offs_d, stride_ks, BLOCK, USE_TMA)  # fmt: skip
-        acc, l_i, m_i = attend_tile_fma(acc, l_i, m_i, q, k, v, qk_scale, None)
-
-    k, v, keep = load_diagonal_tile(
-        k_base, v_base, offs_m, block_m * BLOCK + offs_n, offs_d, stride_ks, stride_ks, seq_len
-    )
-    acc, l_i, m_i = attend_tile_fma(acc, l_i, m_i, q, k, v, qk_scale, keep)
-    store_query_block(Out + head * stride_qh, offs_m, row_valid, acc, l_i, stride_qs, HEAD_DIM)
-
-
-@triton.jit
 def _wide_fwd(
     Q, K, V, Out, BlockIdx, BlockCount,
     stride_qh, stride_qs, stride_kh, stride_ks, stride_ih, stride_im, stride_ch,
@@ -209,16 +140,16 @@ def _wide_fwd(
         # [2·BLOCK]: the first block's columns, then the second's
         cols = tl.where(offs_w < BLOCK, first, second) + offs_w
         k, v = load_kv_tile(k_base, v_base, cols, offs_d, stride_ks, stride_ks)
-        acc, l_i, m_i = attend_tile_fma(acc, l_i, m_i, q, k, v, qk_scale, None)
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, None)
     if count % 2 == 1:
         cols = tl.load(idx_base + count - 1).to(tl.int64) * BLOCK + offs_n
         k, v = load_kv_tile(k_base, v_base, cols, offs_d, stride_ks, stride_ks)
-        acc, l_i, m_i = attend_tile_fma(acc, l_i, m_i, q, k, v, qk_scale, None)
+        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, None)
 
     k, v, keep = load_diagonal_tile(
         k_base, v_base, offs_m, block_m * BLOCK + offs_n, offs_d, stride_ks, stride_ks, seq_len
     )
-    acc, l_i, m_i = attend_tile_fma(acc, l_i, m_i, q, k, v, qk_scale, keep)
+    acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep)
     store_query_block(Out + head * stride_qh, offs_m, row_valid, acc, l_i, stride_qs, HEAD_DIM)
 
 
@@ -258,7 +189,7 @@ def _pair_fwd(
     k, v, keep = load_diagonal_tile(k_base, v_base, offs_m, cols, offs_d, stride_ks, stride_ks,
                                     seq_len)  # fmt: skip
     keep &= (offs_m[:, None] // BLOCK) == (cols[None, :] // BLOCK)
-    acc, l_i, m_i = attend_tile_fma(acc, l_i, m_i, q, k, v, qk_scale, keep)
+    acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep)
     store_query_block(Out + head * stride_qh, offs_m, row_valid, acc, l_i, stride_qs, HEAD_DIM)
 
 
@@ -307,25 +238,16 @@ class Variant:
         rows = num_blocks(s)
         if self.pairs:
             rows = (rows + 1) // 2
-        group = hq // k.shape[1]
-        grid = (rows, hq)
-        if self.constexprs.get("GROUP_MAJOR"):
-            grid = (rows * group, k.shape[1])
-        self.kernel[grid](
+        self.kernel[(rows, hq)](
             q, k, v, out, indices, counts,
             q.stride(1), q.stride(2), k.stride(1), k.stride(2),
             indices.stride(1), indices.stride(2), counts.stride(1),
-            hq, group, s, LOG2_E / math.sqrt(d),
+            hq, hq // k.shape[1], s, LOG2_E / math.sqrt(d),
             HEAD_DIM=d, BLOCK=BLOCK, **self.constexprs,
             **({} if interpreting() else {"num_warps": self.num_warps,
                                           "num_stages": self.num_stages}),
         )  # fmt: skip
         return out
-
-
-def fma(warps, stages, group=False, tma=False):
-    name = "+".join(["tma"] * tma + ["group"] * group) or "fma"
-    return Variant(name, _fma_fwd, warps, stages, dict(GROUP_MAJOR=group, USE_TMA=tma))
 
 
 def pair(warps, stages, tma=False):
@@ -334,20 +256,10 @@ def pair(warps, stages, tma=False):
 
 
 VARIANTS = [
-    fma(4, 2), fma(4, 3), fma(8, 2), fma(4, 4),
-    fma(4, 2, group=True), fma(4, 3, group=True),
-    fma(4, 2, tma=True), fma(4, 3, tma=True),
-    fma(4, 2, group=True, tma=True), fma(4, 3, group=True, tma=True),
     Variant("wide", _wide_fwd, 4, 2), Variant("wide", _wide_fwd, 8, 2),
     Variant("wide", _wide_fwd, 8, 3),
     pair(8, 2), pair(8, 3), pair(8, 3, tma=True), pair(8, 4, tma=True),
 ]  # fmt: skip
-
-
-def setup_tma_allocator(device: torch.device) -> None:
-    """In-kernel tensor descriptors need global scratch memory from Triton's allocator."""
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
-                                                                 device=device))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,11 +404,13 @@ def main() -> None:
     parser.add_argument("--check", action="store_true",
                         help="correctness checks only (CPU: needs TRITON_INTERPRET=1)")  # fmt: skip
     args = parser.parse_args()
+    # pair128+tma makes tensor descriptors in the kernel, which needs the scratch allocator the
+    # library sets at its own first such launch (the interpreter needs none).
+    _set_scratch_allocator()
     if args.check:
         if not interpreting() and not torch.cuda.is_available():
             raise SystemExit("--check needs a GPU or TRITON_INTERPRET=1.")
         device = torch.device("cpu" if interpreting() else "cuda")
-        setup_tma_allocator(device)
         dtypes = (torch.float32, torch.float16) if interpreting() else (torch.bfloat16,)
         failures = {}
         for dtype in dtypes:
@@ -506,7 +420,6 @@ def main() -> None:
     if not torch.cuda.is_available() or interpreting():
         raise SystemExit("timing needs a CUDA GPU (use --check under TRITON_INTERPRET=1).")
     device = torch.device("cuda")
-    setup_tma_allocator(device)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}", flush=True)  # fmt: skip
     failures = check(torch.bfloat16, device, length=4097, hq=8, hkv=2, d=128)
