@@ -185,6 +185,18 @@ def test_undoing_rope_recovers_the_pre_rope_keys(family):
 # ---------------------------------------------------------------- engine
 
 
+def test_only_long_sparse_prompts_are_chunked_by_default():
+    from seer_cli.engine.generation import (
+        DEFAULT_UBATCH_SIZE,
+        ONE_PASS_MAX_TOKENS,
+        default_ubatch_size,
+    )
+
+    assert default_ubatch_size(ONE_PASS_MAX_TOKENS, sparse=True) == 0
+    assert default_ubatch_size(ONE_PASS_MAX_TOKENS + 1, sparse=True) == DEFAULT_UBATCH_SIZE
+    assert default_ubatch_size(4 * ONE_PASS_MAX_TOKENS, sparse=False) == 0
+
+
 def test_engine_generates_the_same_in_chunks(tmp_path):
     folder = save_tiny_model("mistral", tmp_path / "tiny-mistral")
     model = tiny_model("mistral")
@@ -303,13 +315,20 @@ def test_profile_ubatch_sizes_are_checked(text):
 
 
 def test_profile_chunks_as_generate_by_default(monkeypatch):
+    from seer_cli.engine import generation
     from seer_cli.measure import prefill_profile
 
     model = tiny_model("llama")
     subject = prefill_profile.PrefillSubject("tiny", model, tiny_gates(model), "random", "random")
-    monkeypatch.setattr(prefill_profile, "DEFAULT_UBATCH_SIZE", 128)
-    report = prefill_profile.profile_prefill(subject, [300], [0.5], 1)
-    assert [(row["sparsity"], row["ubatch"]) for row in report.rows] == [(None, 0), (0.5, 128)]
+    monkeypatch.setattr(generation, "DEFAULT_UBATCH_SIZE", 128)
+    monkeypatch.setattr(generation, "ONE_PASS_MAX_TOKENS", 256)
+    report = prefill_profile.profile_prefill(subject, [256, 300], [0.5], 1)
+    assert [(row["n_prompt"], row["sparsity"], row["ubatch"]) for row in report.rows] == [
+        (256, None, 0),
+        (256, 0.5, 0),
+        (300, None, 0),
+        (300, 0.5, 128),
+    ]
 
 
 def test_profile_breakdown_sums_the_chunks(monkeypatch):

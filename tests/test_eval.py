@@ -249,7 +249,6 @@ def test_passkey_needle_sits_at_the_requested_depth(depth):
 def test_passkey_needle_depth_with_the_default_tokenizer(depth):
     from transformers import AutoTokenizer
 
-
     folder = default_model_source().converted_copy
     if not (folder / "tokenizer.json").is_file():
         pytest.skip("the default model has not been converted yet (run seer once)")

@@ -25,9 +25,17 @@ from .placement import input_device, model_gpus
 
 ATTENTION_BLOCK = 64  # tokens per attention block: chunk boundaries fall on block edges
 # Prompt tokens per chunk of a sparse prefill. On an H100 (8B config, 128k tokens, sparsity
-# 0.9) chunks of 16384 cut the peak memory by 13 GB for +3.5 % time (BENCHMARKS.md). Dense
+# 0.9) chunks of 16384 cut the peak memory by 14 GB for +3.1 % time (BENCHMARKS.md). Dense
 # prefill runs in one pass unless told otherwise: its chunks lose the cuDNN kernel (+48 %).
 DEFAULT_UBATCH_SIZE = 16384
+# Sparse prompts up to this long run in one pass: chunks save little memory there and cost
+# time (H100, SmolLM2 shapes, 32768 tokens, sparsity 0.9: 85 ms in one pass, 118 ms in chunks).
+ONE_PASS_MAX_TOKENS = 32768
+
+
+def default_ubatch_size(prompt_tokens: int, sparse: bool) -> int:
+    """The chunk size of a prompt when none is asked for (0: one pass)."""
+    return DEFAULT_UBATCH_SIZE if sparse and prompt_tokens > ONE_PASS_MAX_TOKENS else 0
 
 
 @dataclass

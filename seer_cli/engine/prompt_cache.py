@@ -29,7 +29,8 @@ class PromptCache:
         kept, self._kept = self._kept, None
         if kept is None or kept.scaling != scaling:
             return None
-        pairs = zip(kept.ids, prompt_ids[:-1])  # at least one token to prefill, for its logits
+        # At least one token is left to prefill, for its logits.
+        pairs = zip(kept.ids, prompt_ids[:-1], strict=False)
         shared = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], pairs))
         shared -= shared % ATTENTION_BLOCK
         if shared == 0:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .context import ContextSettings, ModelContext
 from .errors import SeerError
-from .generation import DEFAULT_UBATCH_SIZE, GenerationResult, SamplingOptions, generate
+from .generation import GenerationResult, SamplingOptions, default_ubatch_size, generate
 from .identity import describe, find_shipped_gates, model_identity
 from .models import load_model, resolve_model
 from .placement import Placement
@@ -25,9 +25,10 @@ class EngineOptions:
     (``"0=70GiB,1=70GiB,cpu=100GiB"`` or a dict) spread the model over several devices.
     ``context``: the context size and RoPE scaling of prompts past the native context.
     ``ubatch_size``: prompts are prefilled in chunks of this many tokens (a multiple of 64; 0:
-    in one pass; None: ``generation.DEFAULT_UBATCH_SIZE`` for sparse prefill, one pass for
-    dense), which bounds the activations' memory. ``local_blocks``: key blocks before each
-    diagonal that sparse prefill always keeps (``MaskPolicy.local_blocks``)."""
+    in one pass; None: ``generation.default_ubatch_size``, chunks of 16384 for sparse prompts
+    past 32768 tokens, else one pass), which bounds the activations' memory.
+    ``local_blocks``: key blocks before each diagonal that sparse prefill always keeps
+    (``MaskPolicy.local_blocks``)."""
 
     model: str | None = None
     gates: str = "auto"
@@ -89,7 +90,7 @@ def model_shape(config) -> dict:
 
 class Engine:
     def __init__(self, model, tokenizer, name: str, sparse_prefill=None, context=None):
-        self.ubatch_size = DEFAULT_UBATCH_SIZE
+        self.ubatch_size: int | None = None  # None: by prompt length, default_ubatch_size
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -111,10 +112,8 @@ class Engine:
             except ValueError as error:
                 raise SeerError(str(error)) from error
         options.context.check()
-        ubatch_size = options.ubatch_size
-        if ubatch_size is None:
-            ubatch_size = DEFAULT_UBATCH_SIZE if policy is not None else 0
-        check_ubatch_size(ubatch_size)
+        if options.ubatch_size is not None:
+            check_ubatch_size(options.ubatch_size)
         placement = Placement.parse(options.device_map, options.max_memory)
         device = pick_device(options.device, placement)
         dtype = pick_dtype(options.dtype, device)
@@ -140,7 +139,7 @@ class Engine:
             # [chunk, cache] mask.
             model.set_attn_implementation(ATTENTION_NAME)
         engine = cls(model, tokenizer, source.name, sparse_prefill, context)
-        engine.ubatch_size = ubatch_size
+        engine.ubatch_size = options.ubatch_size
         return engine
 
     @property
@@ -179,8 +178,11 @@ class Engine:
         scaling = self.context.apply(len(prompt_ids) + options.max_tokens)
         if self.sparse_prefill is not None:
             self.sparse_prefill.stats.clear()
+        ubatch_size = self.ubatch_size
+        if ubatch_size is None:
+            ubatch_size = default_ubatch_size(len(prompt_ids), self.sparse_prefill is not None)
         result = generate(
-            self.model, self.tokenizer, prompt_ids, options, ubatch_size=self.ubatch_size,
+            self.model, self.tokenizer, prompt_ids, options, ubatch_size=ubatch_size,
             cache=self.prompt_cache.take(prompt_ids, scaling), **callbacks,
         )  # fmt: skip
         self.prompt_cache.keep(prompt_ids, result.cache, scaling)

@@ -13,7 +13,7 @@ from seer_gates import GateConfig, MaskPolicy, build_gates
 from ..engine.attention import ATTENTION_NAME, SparsePrefill, SparsityStats
 from ..engine.context import ContextSettings, ModelContext
 from ..engine.errors import SeerError
-from ..engine.generation import DEFAULT_UBATCH_SIZE, prefill
+from ..engine.generation import default_ubatch_size, prefill
 from ..engine.placement import Placement, input_device, layer_devices, model_gpus, random_model
 from ..engine.runtime import model_shape, pick_dtype
 from .report import Column, Report, Stat, ratio
@@ -210,7 +210,7 @@ def profile_prefill(
 ) -> Report:
     """Time to first token of the subject's model on random prompts of each length, dense and
     at each sparsity, prefilled in chunks of each of ``ubatch_sizes`` tokens (0: one pass;
-    None: as ``seer generate`` does, one pass dense and ``DEFAULT_UBATCH_SIZE`` sparse).
+    None: as ``seer generate`` does, see ``generation.default_ubatch_size``).
 
     Sparse rows also split one extra, instrumented prefill into gates + mask selection,
     attention and everything else; the timed prefills run without the instrumentation. A test
@@ -251,7 +251,7 @@ def profile_prefill(
     for done, (length, asked_ubatch, sparsity) in enumerate(tests):
         ubatch = asked_ubatch
         if ubatch is None:
-            ubatch = 0 if sparsity is None else DEFAULT_UBATCH_SIZE
+            ubatch = default_ubatch_size(length, sparsity is not None)
         if ids is None or ids.shape[1] != length:
             ids = torch.randint(model.config.vocab_size, (1, length), generator=generator)
             ids = ids.to(device)
