@@ -275,12 +275,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
 
 
 def test_ctrl_c_stops_with_130_and_complete_lines(tmp_path):
-    # Enough work that the run cannot finish between its first line and the signal: twenty
-    # documents of a few thousand tokens, each beginning differently (no shared cache).
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for index in range(20):
-        (docs / f"doc{index:02}.txt").write_text(f"Document {index}. " + " ".join(TEXTS) * 30)
+    write_docs(tmp_path / "docs", 6)
     out = tmp_path / "out.jsonl"
 
     process = start(tmp_path, str(tmp_path / "docs"), "-n", "2", "-o", str(out), "--quiet")
