@@ -241,8 +241,10 @@ def start(tmp_path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "SEER_CONFIG": os.devnull}
     with open(tmp_path / "stderr.txt", "ab") as stderr:
         return subprocess.Popen(
-            [*SEER, "batch", *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr
-        )
+            [*SEER, "batch", *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+            # A test run started in the background inherits SIGINT ignored; Ctrl-C must reach it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
 
 
 def wait_for_lines(path, process: subprocess.Popen, count: int = 1, timeout: float = 180) -> None:
