@@ -12,6 +12,7 @@ hears about it.
 import json
 import os
 import re
+import threading
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
@@ -29,6 +30,24 @@ def seer_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "seer"
     )
     return Path(base)
+
+
+def start_triton_warmup() -> threading.Thread | None:
+    """Compute, in a background thread, the key Triton hashes from its own compiler and library
+    before the first kernel launch of a process (0.4 s on the H100 machine, BENCHMARKS.md), so
+    that it overlaps loading the model instead of adding to the first prefill. Hashing releases
+    the interpreter lock. Returns the thread; without CUDA, or with a Triton that keeps no such
+    key, it does nothing and returns None.
+    """
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    thread = threading.Thread(target=triton_key, name="triton-key", daemon=True)
+    thread.start()
+    return thread
 
 
 def set_tuning_notifier(notify: Callable[[str], None] | None) -> None:

@@ -147,6 +147,10 @@ def prefill(
     ubatch_list = profiling.parse_ubatch_sizes(ubatch_sizes)
     if placement is not None:
         torch_device = pick_device(device, placement)
+    if torch_device.type == "cuda":
+        from seer_kernels.tuning import start_triton_warmup
+
+        start_triton_warmup()
     if model is not None or (config is None and torch_device.type == "cpu"):
         subject = profiling.loaded_subject(
             model, gates, torch_device, device_map, max_memory, context

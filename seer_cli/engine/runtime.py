@@ -117,6 +117,10 @@ class Engine:
         placement = Placement.parse(options.device_map, options.max_memory)
         device = pick_device(options.device, placement)
         dtype = pick_dtype(options.dtype, device)
+        if device.type == "cuda" and policy is not None:
+            from seer_kernels.tuning import start_triton_warmup
+
+            start_triton_warmup()
         source = resolve_model(options.model)
         if policy is not None:
             check_gate_option(options.gates)
