@@ -21,7 +21,7 @@ import torch
 from seer_gates import MaskPolicy
 
 from seer_cli.engine.attention import ATTENTION_NAME, SparsePrefill
-from seer_cli.engine.generation import DEFAULT_UBATCH_SIZE, prefill
+from seer_cli.engine.generation import default_ubatch_size, prefill
 from seer_cli.measure.prefill_profile import random_subject
 from seer_cli.measure.settings import load_config, profile_device
 
@@ -39,9 +39,13 @@ def main() -> None:
     parser.add_argument("--config", default="llama-3.1-8b")
     parser.add_argument("-l", "--length", type=int, default=32768)
     parser.add_argument("-s", "--sparsity", type=float, default=0.9)
-    parser.add_argument("-ub", "--ubatch-size", type=int, default=DEFAULT_UBATCH_SIZE)
+    parser.add_argument(
+        "-ub", "--ubatch-size", type=int, default=None, help="default: as seer generate"
+    )
     parser.add_argument("--top", type=int, default=30, help="functions to list")
     args = parser.parse_args()
+    if args.ubatch_size is None:
+        args.ubatch_size = default_ubatch_size(args.length, sparse=True)
 
     device = profile_device("auto")
     if device.type != "cuda":
