@@ -9,11 +9,12 @@
 # ../shared/data/books, else shared/data/books). Everything goes to OUT (default ./out): the new
 # gate file, each step's JSON output and stderr log; a short table is printed last.
 # Expected on an H100 (estimates): scaling about 1.5 minutes, distill about 3, eval32k about 3,
-# eval8k under 1, local about 4; each stage alone fits a 10-minute call.
+# eval8k under 1, local under 2 (measured 1.5), local-gates about 5; each stage alone fits a
+# 10-minute call.
 #
 #   bash benchmarks/long_context_gpu.sh            # all stages
 #   bash benchmarks/long_context_gpu.sh distill    # one stage: scaling, distill, eval32k, eval8k,
-#                                                  # local, table
+#                                                  # local, local-gates, table
 #
 # LONG, NATIVE, STEPS and DISTILL_WINDOWS (default: all) shrink the run for a smoke test on the
 # CPU with a tiny model, e.g. MODEL=tiny-llama LONG=2048 NATIVE=1024 STEPS=2 DISTILL_WINDOWS=4.
@@ -34,6 +35,7 @@ WINDOW_ARGS=()
 EXTENSION=(--ctx-size "$LONG" --rope-scaling yarn --rope-scale $((LONG / NATIVE))
            --yarn-orig-ctx "$NATIVE")
 NEW_GATES=$OUT/SmolLM2-135M-Instruct-32k.safetensors
+LOCAL_GATES=$OUT/SmolLM2-135M-Instruct-32k-local8.safetensors
 SHIPPED_GATES=${SHIPPED_GATES:-gates/pretrained/SmolLM2-135M-Instruct.safetensors}
 THRESHOLDS=0.5,1,2
 mkdir -p "$OUT"
@@ -103,6 +105,19 @@ local_windows() {
     --sparsities 0.9,0.95,0.97 --thresholds '' --local-blocks 0,2,4,8 --tasks perplexity --json
 }
 
+local_gates() {
+  # Stage `local-gates`: gates distilled at 32k for a policy that keeps a local window of 8
+  # blocks (the window left out of their loss), then evaluated with and without that window
+  # (perplexity only); compare with stage `local`'s shipped gates + local 8.
+  step distill-local8 distill "${MODEL_ARGS[@]}" \
+    --data "$BOOKS/pg1342.txt" --data "$BOOKS/pg2701.txt" --data "$BOOKS/pg37106.txt" \
+    --seq-len "$LONG" "${EXTENSION[@]}" --steps "$STEPS" --batch-size 8 "${WINDOW_ARGS[@]}" \
+    --local-blocks 8 --out "$LOCAL_GATES" --overwrite
+  step local-gates eval "${MODEL_ARGS[@]}" --gates "$LOCAL_GATES" \
+    --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${EXTENSION[@]}" --max-windows 3 \
+    --sparsities 0.9,0.95,0.97 --thresholds '' --local-blocks 0,8 --tasks perplexity --json
+}
+
 table() {
   python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
@@ -115,15 +130,18 @@ def load(name):
     return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
 
 
-distill = load("distill")
-if distill:
-    print(f"\ndistill: {distill.get('train_windows')} + {distill.get('val_windows')} windows of "
-          f"{distill.get('seq_len')}, {distill.get('minutes')} min (harvest "
-          f"{distill.get('harvest_minutes')} min, peak {distill.get('peak_memory_gb')} GB), "
-          f"scaling {distill.get('rope_scaling')}, val recall@0.9 {distill.get('val_recall'):.3f} "
-          f"(oracle {distill.get('val_oracle_recall'):.3f})")
+for distill_name in ("distill", "distill-local8"):
+    distill = load(distill_name)
+    if not distill:
+        continue
+    print(f"\n{distill_name}: {distill.get('train_windows')} + {distill.get('val_windows')} windows of "
+              f"{distill.get('seq_len')}, {distill.get('minutes')} min (harvest "
+              f"{distill.get('harvest_minutes')} min, peak {distill.get('peak_memory_gb')} GB), "
+              f"scaling {distill.get('rope_scaling')}, val recall@0.9 {distill.get('val_recall'):.3f} "
+              f"(oracle {distill.get('val_oracle_recall'):.3f})")
 names = sorted(path.stem for path in out.glob("scaling-*.json"))
-for name in names + ["eval32k-new", "eval32k-shipped", "eval8k-new", "eval8k-shipped", "local"]:
+for name in names + ["eval32k-new", "eval32k-shipped", "eval8k-new", "eval8k-shipped", "local",
+                     "local-gates"]:
     report = load(name)
     if not report:
         continue
@@ -156,9 +174,10 @@ EOF
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(scaling distill eval32k eval8k local table)
+[ ${#stages[@]} -gt 0 ] || stages=(scaling distill eval32k eval8k local local-gates table)
 for stage in "${stages[@]}"; do
   # `local` is a shell builtin, so its stage's function has another name.
   [ "$stage" = local ] && stage=local_windows
+  [ "$stage" = local-gates ] && stage=local_gates
   "$stage"
 done

@@ -80,6 +80,11 @@ def _forced(nb: int, policy: MaskPolicy, rows: int | None = None) -> torch.Tenso
     return forced
 
 
+def forced_blocks(nb: int, policy: MaskPolicy) -> torch.Tensor:
+    """`[nb, nb]` bool, on the CPU: the blocks ``policy`` keeps whatever the scores."""
+    return _forced(nb, policy)
+
+
 def _row_budgets(forced: torch.Tensor, policy: MaskPolicy) -> torch.Tensor:
     """Blocks to keep in each query row under top-k sparsity: `[nb]` long, on the CPU.
 

@@ -346,9 +346,11 @@ def test_distilled_gates_record_their_scaling(tiny_folder, tmp_path):
     result = run("distill", "--model", str(tiny_folder / "tiny-llama"), "--data",
                  str(tiny_folder / "long.txt"), "--data", str(tiny_folder / "long.txt"),
                  "--seq-len", "1100", "--ctx-size", "2048", "--steps", "2", "--batch-size", "1",
-                 "--out", str(out), "--device", "cpu", "--quiet")  # fmt: skip
+                 "--local-blocks", "2", "--out", str(out), "--device", "cpu",
+                 "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     metadata = load_gates(out)[0].metadata
+    assert metadata["local_blocks"] == 2
     assert metadata["n_ctx_train"] == CONTEXT
     assert (metadata["rope_scaling"], metadata["rope_scale"]) == ("yarn", 2.0)
     assert metadata["yarn_orig_ctx"] == CONTEXT

@@ -29,6 +29,14 @@ def distill(
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-3,
     warmup: Annotated[int, typer.Option("--warmup", help="Warm-up steps.")] = 20,
     hidden_size: Annotated[int, typer.Option("--hidden-size", help="Gate hidden size.")] = 128,
+    local_blocks: Annotated[
+        int,
+        typer.Option(
+            "--local-blocks",
+            help="Train for a policy that always keeps this local window (run the gates with "
+            "the same --local-blocks): the gates learn to rank only the blocks beyond it.",
+        ),
+    ] = 0,
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Held-out share of windows.")
     ] = 0.1,
@@ -57,6 +65,8 @@ def distill(
     ``seer generate`` would use (``--ctx-size``, ``--rope-scaling``, …), recorded in the file.
     """
     _check_flags(out, steps, batch_size, seq_len, lr, val_fraction, overwrite, resume)
+    if local_blocks < 0:
+        raise SeerError(f"--local-blocks must be 0 or more, got {local_blocks}.")
     context_settings = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
     import torch
     from rich.progress import (
@@ -116,8 +126,9 @@ def distill(
         torch.manual_seed(seed)
         gates = build_gates(config).to(torch_device)
         distiller = Distiller(
-            gates, steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seed=seed
-        )
+            gates, steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seed=seed,
+            local_blocks=local_blocks,
+        )  # fmt: skip
         checkpoint = out.with_name(out.name + ".ckpt")
         if resume:
             if not checkpoint.is_file():
@@ -132,10 +143,11 @@ def distill(
             if distiller.step % checkpoint_every == 0 or distiller.step == steps:
                 _atomic_torch_save(distiller.state_dict(), checkpoint)
 
-    metrics = {f"val_{k}": v for k, v in evaluate(gates, val, 0.9, torch_device).items()}
+    validation = evaluate(gates, val, 0.9, torch_device, local_blocks)
+    metrics = {f"val_{k}": v for k, v in validation.items()}
     config.metadata = {
         "seq_len": seq_len, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "warmup": warmup, "seed": seed, "device": str(torch_device),
+        "warmup": warmup, "seed": seed, "local_blocks": local_blocks, "device": str(torch_device),
         "train_windows": len(train), "val_windows": len(val), **summary, **metrics,
         "minutes": round((time.perf_counter() - started) / 60, 2),
         "harvest_minutes": harvest_minutes, "peak_memory_gb": _peak_memory_gb(torch_device),
