@@ -28,11 +28,7 @@ source "$(dirname "$0")/seer_env.sh"
 stage() {
   local name=$1
   shift
-  echo "== $name" >&2
-  local start=$SECONDS
-  seer profile prefill --sparsities 0.9 -o md "$@" > "$OUT/$name.md" 2> "$OUT/$name.log" \
-    || { tail -5 "$OUT/$name.log" >&2; return 1; }
-  echo "   $((SECONDS - start)) s" >&2
+  timed_step "$name" "$OUT/$name.md" profile prefill --sparsities 0.9 -o md "$@"
 }
 
 if [ -n "${SMALL:-}" ]; then

@@ -47,10 +47,7 @@ source "$(dirname "$0")/seer_env.sh"
 step() {
   local name=$1
   shift
-  echo "== $name" >&2
-  local start=$SECONDS
-  seer "$@" > "$OUT/$name.json" 2> "$OUT/$name.log" || { tail -5 "$OUT/$name.log" >&2; return 1; }
-  echo "   $((SECONDS - start)) s" >&2
+  timed_step "$name" "$OUT/$name.json" "$@"
 }
 
 scaling() {

@@ -9,3 +9,14 @@ if ! python3 -c 'import seer_cli, seer_gates, seer_kernels' 2>/dev/null; then
   export PYTHONPATH=/tmp/pkgs${PYTHONPATH:+:$PYTHONPATH}
 fi
 seer() { python3 -c 'import sys; from seer_cli.app import main; sys.argv[0] = "seer"; main()' "$@"; }
+
+# timed_step NAME FILE ARGS...: `seer ARGS`, its stdout to FILE and its stderr to $OUT/NAME.log,
+# with its wall time on stderr; on failure the log's tail, and status 1.
+timed_step() {
+  local name=$1 product=$2
+  shift 2
+  echo "== $name" >&2
+  local start=$SECONDS
+  seer "$@" > "$product" 2> "$OUT/$name.log" || { tail -5 "$OUT/$name.log" >&2; return 1; }
+  echo "   $((SECONDS - start)) s" >&2
+}
