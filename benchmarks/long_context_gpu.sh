@@ -9,12 +9,12 @@
 # ../shared/data/books, else shared/data/books). Everything goes to OUT (default ./out): the new
 # gate file, each step's JSON output and stderr log; a short table is printed last.
 # Expected on an H100 (estimates): scaling about 1.5 minutes, distill about 3, eval32k about 3,
-# eval8k under 1, local under 2 (measured 1.5), local-gates about 5; each stage alone fits a
-# 10-minute call.
+# eval8k under 1, local under 2 (measured 1.5), local-gates about 5, local-gates-8k under 1;
+# each stage alone fits a 10-minute call.
 #
 #   bash benchmarks/long_context_gpu.sh            # all stages
 #   bash benchmarks/long_context_gpu.sh distill    # one stage: scaling, distill, eval32k, eval8k,
-#                                                  # local, local-gates, table
+#                                                  # local, local-gates, local-gates-8k, table
 #
 # LONG, NATIVE, STEPS and DISTILL_WINDOWS (default: all) shrink the run for a smoke test on the
 # CPU with a tiny model, e.g. MODEL=tiny-llama LONG=2048 NATIVE=1024 STEPS=2 DISTILL_WINDOWS=4.
@@ -115,6 +115,18 @@ local_gates() {
     --sparsities 0.9,0.95,0.97 --thresholds '' --local-blocks 0,8 --tasks perplexity --json
 }
 
+local_gates_8k() {
+  # Stage `local-gates-8k`: the native context (unscaled RoPE) with the local-window gates of
+  # stage `local-gates` and with the shipped gates, each with and without the window.
+  for which in local8 shipped; do
+    local gates=$LOCAL_GATES
+    [ "$which" = shipped ] && gates=$SHIPPED_GATES
+    step "local8k-$which" eval "${MODEL_ARGS[@]}" --gates "$gates" \
+      --data "$BOOKS/pg2641.txt" --seq-len "$NATIVE" "${EXTENSION[@]}" --max-windows 3 \
+      --sparsities 0.5,0.8,0.9 --thresholds '' --local-blocks 0,8 --tasks perplexity --json
+  done
+}
+
 table() {
   python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
@@ -138,7 +150,7 @@ for distill_name in ("distill", "distill-local8"):
               f"(oracle {distill.get('val_oracle_recall'):.3f})")
 names = sorted(path.stem for path in out.glob("scaling-*.json"))
 for name in names + ["eval32k-new", "eval32k-shipped", "eval8k-new", "eval8k-shipped", "local",
-                     "local-gates"]:
+                     "local-gates", "local8k-local8", "local8k-shipped"]:
     report = load(name)
     if not report:
         continue
@@ -171,10 +183,11 @@ EOF
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(scaling distill eval32k eval8k local local-gates table)
+[ ${#stages[@]} -gt 0 ] || stages=(scaling distill eval32k eval8k local local-gates local-gates-8k table)
 for stage in "${stages[@]}"; do
   # `local` is a shell builtin, so its stage's function has another name.
   [ "$stage" = local ] && stage=local_windows
   [ "$stage" = local-gates ] && stage=local_gates
+  [ "$stage" = local-gates-8k ] && stage=local_gates_8k
   "$stage"
 done
