@@ -28,19 +28,24 @@ SELECT_WARPS, SELECT_STAGES = 8, 2
 def _top_k(x, candidate, k, SEL_ROWS: tl.constexpr):
     """Mask of each row's k largest x among ``candidate`` (ties go to the lowest column).
 
-    x: [SEL_ROWS, KEYS] float32; k: [SEL_ROWS] int32, at most the row's candidates. The k-th
-    largest value is found exactly on keys that order like the floats, two bits per step. A
-    row's count is a cross-warp reduction, the cost here: a step's three counts travel in one
-    int64 sum, 21 bits each.
+    x: [SEL_ROWS, KEYS] float32; k: [SEL_ROWS] int32, at most the row's candidates. A search
+    for the k-th largest value on keys that order like the floats, two bits per step, which
+    stops once every row's count of keys at or above the bits found so far is exactly k: those
+    keys are the row's top k (random logits settle in about half the 16 steps). A row's count
+    is a cross-warp reduction, the cost here: a step's three counts travel in one int64 sum,
+    21 bits each.
     """
     bits = x.to(tl.int32, bitcast=True)
     keys = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
     keys = tl.where(candidate, keys, 0)
+    k = tl.maximum(k, 0)
     one = tl.full([SEL_ROWS], 1, dtype=tl.uint32)
     field = (1 << 21) - 1
     kth = tl.zeros([SEL_ROWS], dtype=tl.uint32)
-    for i in range(16):
-        shift = 30 - 2 * i
+    at_kth = tl.full([SEL_ROWS], -1, dtype=tl.int32)  # keys >= kth, once a trial has passed
+    shift = 30
+    unsettled = SEL_ROWS
+    while (shift >= 0) & (unsettled > 0):
         trial1 = kth | (one << shift)
         trial2 = kth | ((one + one) << shift)
         trial3 = trial1 | trial2
@@ -48,14 +53,76 @@ def _top_k(x, candidate, k, SEL_ROWS: tl.constexpr):
         packed += (keys >= trial2[:, None]).to(tl.int64) << 21
         packed += (keys >= trial3[:, None]).to(tl.int64) << 42
         counts = tl.sum(packed, 1)
-        kth = tl.where((counts & field) >= k, trial1, kth)
-        kth = tl.where(((counts >> 21) & field) >= k, trial2, kth)
-        kth = tl.where((counts >> 42) >= k, trial3, kth)
-    above = keys > kth[:, None]
-    ties = candidate & (keys == kth[:, None])
-    spare = k - tl.sum(above.to(tl.int32), 1)
-    tie_rank = tl.cumsum(ties.to(tl.int32), 1)
-    return candidate & (above | (ties & (tie_rank <= spare[:, None])))
+        count1 = (counts & field).to(tl.int32)
+        count2 = ((counts >> 21) & field).to(tl.int32)
+        count3 = (counts >> 42).to(tl.int32)
+        # count1 >= count2 >= count3: the highest trial that keeps k keys wins.
+        kth = tl.where(count1 >= k, trial1, kth)
+        at_kth = tl.where(count1 >= k, count1, at_kth)
+        kth = tl.where(count2 >= k, trial2, kth)
+        at_kth = tl.where(count2 >= k, count2, at_kth)
+        kth = tl.where(count3 >= k, trial3, kth)
+        at_kth = tl.where(count3 >= k, count3, at_kth)
+        unsettled = tl.sum((at_kth != k).to(tl.int32), 0)
+        shift -= 2
+    keep = candidate & (keys >= kth[:, None])
+    if unsettled > 0:
+        # Ties at the k-th value: all 32 bits found, kth is that value.
+        above = keys > kth[:, None]
+        ties = candidate & (keys == kth[:, None])
+        spare = k - tl.sum(above.to(tl.int32), 1)
+        tie_rank = tl.cumsum(ties.to(tl.int32), 1)
+        keep = candidate & (above | (ties & (tie_rank <= spare[:, None])))
+    return keep
+
+
+@triton.jit
+def _select_rows(
+    scratch, Budgets, out, counts_out, group, q_blocks, query_offset, budget_rows, dense_row,
+    local_blocks, width, stride_in, score_scale, threshold,
+    ROWS: tl.constexpr, KEYS: tl.constexpr, STRIDE: tl.constexpr, SEL_ROWS: tl.constexpr,
+    TOP_K: tl.constexpr, KEEP_SINK: tl.constexpr,
+):  # fmt: skip
+    """Lists of the ROWS query rows of ``group`` from their logits in ``scratch`` (row stride
+    STRIDE), SEL_ROWS rows at a time over the first KEYS key blocks, which hold every row's
+    causal keys. ``out`` and ``counts_out`` point at the head's first row."""
+    offs_k = tl.arange(0, KEYS)
+    for sub in range(0, ROWS, SEL_ROWS):
+        sel = sub + tl.arange(0, SEL_ROWS)
+        row_ok = group * ROWS + sel < q_blocks
+        row = query_offset + group * ROWS + sel
+        # [SEL_ROWS, KEYS]
+        causal = offs_k[None, :] < row[:, None]
+        x = tl.load(scratch + sel[:, None] * STRIDE + offs_k[None, :],
+                    mask=(offs_k[None, :] <= row[:, None]) & row_ok[:, None],
+                    other=float("-inf"))  # fmt: skip
+        # The local window (the last local_blocks before the diagonal) and the sink are kept
+        # outside the ranking and count inside the row's budget.
+        window = tl.minimum(row, local_blocks)
+        has_sink = (row > local_blocks) & KEEP_SINK  # a sink outside the window
+        forced = causal & (offs_k[None, :] >= (row - window)[:, None])
+        forced |= (offs_k[None, :] == 0) & has_sink[:, None]
+        if TOP_K:
+            budget = tl.load(Budgets + row, mask=row_ok & (row < budget_rows), other=0)
+            # Counted from the row index: a cross-warp sum is this kernel's cost.
+            budget -= window + has_sink.to(tl.int32)
+            keep = _top_k(x, causal & ~forced, budget, SEL_ROWS)
+        else:
+            # The softmax runs over j <= i: the diagonal counts, though it is not listed.
+            scores = x * score_scale
+            row_max = tl.max(scores, 1)
+            # Rows past the end hold no logits: keep their arithmetic finite.
+            row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+            p = tl.exp(scores - row_max[:, None])
+            p = p / tl.maximum(tl.sum(p, 1), 1.0)[:, None]  # ≥ 1 on real rows: exp(0)
+            # τ times the row's average probability, 1 / (row + 1): MaskPolicy's meaning.
+            keep = causal & (p > threshold / (row[:, None] + 1).to(tl.float32))
+        keep = keep | forced | (causal & (row[:, None] == dense_row))
+        slot = tl.cumsum(keep.to(tl.int32), 1) - 1
+        ptrs = out + (row - query_offset)[:, None] * stride_in + slot
+        tl.store(ptrs, offs_k[None, :] + 0 * slot, mask=keep & (slot < width) & row_ok[:, None])
+        count = tl.minimum(tl.sum(keep.to(tl.int32), 1), width)
+        tl.store(counts_out + (row - query_offset), count, mask=row_ok)
 
 
 @triton.jit
@@ -66,7 +133,9 @@ def _select_lists(
     num_q_heads, kf_group, q_blocks, query_offset, budget_rows, dense_row, local_blocks, width,
     num_items, groups_per_head, score_scale, threshold,
     HIDDEN: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, KEYS: tl.constexpr,
-    SEL_ROWS: tl.constexpr, TOP_K: tl.constexpr, KEEP_SINK: tl.constexpr,
+    KEYS_HALF: tl.constexpr, KEYS_QUARTER: tl.constexpr, SEL_FULL: tl.constexpr,
+    SEL_HALF: tl.constexpr, SEL_QUARTER: tl.constexpr, TOP_K: tl.constexpr,
+    KEEP_SINK: tl.constexpr,
 ):  # fmt: skip
     # Persistent: program p takes work items p, p + P, … ; an item is ROWS query rows of one
     # head, heaviest (last) rows first. Its logits go to this program's own scratch slice.
@@ -75,7 +144,6 @@ def _select_lists(
     offs_r = tl.arange(0, ROWS)
     offs_c = tl.arange(0, COLS)
     offs_h = tl.arange(0, H2)
-    offs_k = tl.arange(0, KEYS)
     heads_total = num_items // groups_per_head
     for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
         group = groups_per_head - 1 - item // heads_total
@@ -100,45 +168,24 @@ def _select_lists(
             tl.store(scratch + offs_r[:, None] * KEYS + cols[None, :], logits,
                      mask=in_range[None, :])  # fmt: skip
         tl.debug_barrier()  # the logits of all threads are in scratch
-        for sub in range(0, ROWS, SEL_ROWS):
-            sel = sub + tl.arange(0, SEL_ROWS)
-            row_ok = group * ROWS + sel < q_blocks
-            row = query_offset + group * ROWS + sel
-            # [SEL_ROWS, KEYS]
-            causal = offs_k[None, :] < row[:, None]
-            x = tl.load(scratch + sel[:, None] * KEYS + offs_k[None, :],
-                        mask=(offs_k[None, :] <= row[:, None]) & row_ok[:, None],
-                        other=float("-inf"))  # fmt: skip
-            # The local window (the last local_blocks before the diagonal) and the sink are kept
-            # outside the ranking and count inside the row's budget.
-            window = tl.minimum(row, local_blocks)
-            has_sink = (row > local_blocks) & KEEP_SINK  # a sink outside the window
-            forced = causal & (offs_k[None, :] >= (row - window)[:, None])
-            forced |= (offs_k[None, :] == 0) & has_sink[:, None]
-            if TOP_K:
-                budget = tl.load(Budgets + row, mask=row_ok & (row < budget_rows), other=0)
-                # Counted from the row index: a cross-warp sum is this kernel's cost.
-                budget -= window + has_sink.to(tl.int32)
-                keep = _top_k(x, causal & ~forced, budget, SEL_ROWS)
-            else:
-                # The softmax runs over j <= i: the diagonal counts, though it is not listed.
-                scores = x * score_scale
-                row_max = tl.max(scores, 1)
-                # Rows past the end hold no logits: keep their arithmetic finite.
-                row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-                p = tl.exp(scores - row_max[:, None])
-                p = p / tl.maximum(tl.sum(p, 1), 1.0)[:, None]  # ≥ 1 on real rows: exp(0)
-                # τ times the row's average probability, 1 / (row + 1): MaskPolicy's meaning.
-                keep = causal & (p > threshold / (row[:, None] + 1).to(tl.float32))
-            keep = keep | forced | (causal & (row[:, None] == dense_row))
-            slot = tl.cumsum(keep.to(tl.int32), 1) - 1
-            out = Indices + batch * stride_ib + head * stride_ih
-            out += (row - query_offset)[:, None] * stride_in + slot
-            tl.store(out, offs_k[None, :] + 0 * slot, mask=keep & (slot < width) & row_ok[:, None])
-            count = tl.minimum(tl.sum(keep.to(tl.int32), 1), width)
-            counts = Counts + batch * stride_cb + head * stride_ch + (row - query_offset)
-            tl.store(counts, count, mask=row_ok)
+        out = Indices + batch * stride_ib + head * stride_ih
+        counts_out = Counts + batch * stride_cb + head * stride_ch
+        args = (scratch, Budgets, out, counts_out, group, q_blocks, query_offset, budget_rows,
+                dense_row, local_blocks, width, stride_in, score_scale, threshold)  # fmt: skip
+        # Rows search only the keys they have, in the smallest of three widths that holds
+        # them: the short rows of a causal map need not search the longest row's width.
+        if key_end <= KEYS_QUARTER:
+            _select_rows(*args, ROWS, KEYS_QUARTER, KEYS, SEL_QUARTER, TOP_K, KEEP_SINK)
+        elif key_end <= KEYS_HALF:
+            _select_rows(*args, ROWS, KEYS_HALF, KEYS, SEL_HALF, TOP_K, KEEP_SINK)
+        else:
+            _select_rows(*args, ROWS, KEYS, KEYS, SEL_FULL, TOP_K, KEEP_SINK)
         tl.debug_barrier()  # every thread is done with scratch before the next item
+
+
+def _sel_rows(keys: int) -> int:
+    """Rows that select at once over ``keys`` columns: SELECT_ELEMENTS logits in registers."""
+    return max(1, min(FEATURE_ROWS, SELECT_ELEMENTS // keys))
 
 
 @functools.lru_cache(maxsize=8)
@@ -199,6 +246,7 @@ def block_lists_from_features(
     indices = torch.empty(b, hq, n, width, dtype=torch.int32, device=qf.device)
     counts = torch.empty(b, hq, n, dtype=torch.int32, device=qf.device)
     key_slots = max(triton.next_power_of_2(keys), 16)
+    half, quarter = max(key_slots // 2, 16), max(key_slots // 4, 16)
     groups = triton.cdiv(n, FEATURE_ROWS)
     items = b * hq * groups
     programs = min(items, _program_slots(qf.device))
@@ -213,8 +261,9 @@ def block_lists_from_features(
             counts.stride(0), counts.stride(1),
             hq, hq // kf.shape[1], n, query_offset, budgets.numel() if top_k else 0, dense_row,
             min(local_blocks, keys), width, items, groups, scale, threshold if not top_k else 0.0,
-            HIDDEN=hidden, ROWS=FEATURE_ROWS, COLS=KEY_COLUMNS, KEYS=key_slots,
-            SEL_ROWS=max(1, min(FEATURE_ROWS, SELECT_ELEMENTS // key_slots)), TOP_K=top_k,
+            HIDDEN=hidden, ROWS=FEATURE_ROWS, COLS=KEY_COLUMNS, KEYS=key_slots, KEYS_HALF=half,
+            KEYS_QUARTER=quarter, SEL_FULL=_sel_rows(key_slots), SEL_HALF=_sel_rows(half),
+            SEL_QUARTER=_sel_rows(quarter), TOP_K=top_k,
             KEEP_SINK=keep_sink, num_warps=SELECT_WARPS, num_stages=SELECT_STAGES,
         )  # fmt: skip
     return indices, counts

@@ -18,6 +18,7 @@ from seer_gates import (
     block_count,
     block_rope_tables,
     gate_block_lists,
+    pool_keys,
     pool_queries,
     pooled_block_lists,
     pooled_qk_scores,
@@ -163,8 +164,13 @@ class SparsePrefill:
             self.stats.record(layer_idx, causal_blocks, causal_blocks)
             return causal_attention(q, k, v, scaling)
         # Kept up to date even where this call is dense: later chunks score against these keys.
+        # A whole prompt in one pass has no later chunk: its gates pool the keys themselves
+        # (inside the fused kernels), and a later prompt continuing the cache recovers them.
+        one_pass = sq == s and (prompt_end is None or prompt_end == s)
         pooled_keys = (
-            None if captured is None else self._past_keys.extend(layer_idx, captured["k"], k)
+            None
+            if captured is None or one_pass
+            else self._past_keys.extend(layer_idx, captured["k"], k)
         )
         if s < self.min_tokens:
             # Too short to pay: dense attention, the dense kernel does it best.
@@ -196,6 +202,11 @@ class SparsePrefill:
         if self.gates is None:
             return pooled_block_lists(q, k, self.policy, total_blocks)
         cos, sin = self._block_rope(total_blocks, q.shape[0], q.device)
+        if pooled_keys is None:  # one pass: raw keys, pooled in the kernel
+            return gate_block_lists(
+                self.gates[layer_idx], captured["q"], captured["k"], cos, sin, self.policy,
+                total_blocks,
+            )  # fmt: skip
         return gate_block_lists(
             self.gates[layer_idx], captured["q"], pooled_keys, cos, sin, self.policy,
             total_blocks, key_tokens=k.shape[2],
@@ -208,6 +219,8 @@ class SparsePrefill:
             return pooled_qk_scores(q, k)
         # Tables for the whole prompt, built once per prompt; a chunk takes its first blocks.
         cos, sin = self._block_rope(total_blocks, q.shape[0], q.device)
+        if pooled_keys is None:  # one pass
+            pooled_keys = pool_keys(captured["k"])
         nb = pooled_keys.shape[1]
         q_pooled = pool_queries(captured["q"], start=k.shape[2] - q.shape[2])
         logits = self.gates[layer_idx].logits(q_pooled, pooled_keys, cos[:, :nb], sin[:, :nb])
