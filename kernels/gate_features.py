@@ -24,23 +24,20 @@ DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
 
 
 @triton.jit
-def _pool_block(x, valid, count, MIN_MAX: tl.constexpr):
+def _pool_block(x, valid, count):
     """(mean, max, min) over the valid rows of one block's tile x [BLOCK, C] float32."""
     mean = tl.sum(x, 0) / count
-    high = mean
-    low = mean
-    if MIN_MAX:
-        high = tl.max(tl.where(valid[:, None], x, float("-inf")), 0)
-        low = tl.min(tl.where(valid[:, None], x, float("inf")), 0)
+    high = tl.max(tl.where(valid[:, None], x, float("-inf")), 0)
+    low = tl.min(tl.where(valid[:, None], x, float("inf")), 0)
     return mean, high, low
 
 
 @triton.jit
 def _pool_rows(base, stride_s, n_tokens, shift, first, ROWS: tl.constexpr, D2: tl.constexpr,
-               BLOCK: tl.constexpr, MIN_MAX: tl.constexpr):  # fmt: skip
+               BLOCK: tl.constexpr):  # fmt: skip
     """Pool ROWS consecutive blocks from block ``first`` into six [ROWS, D2] float32 tiles:
     (max, min, mean) of channels [0, D2), then of [D2, 2·D2) — the order of the key linear's
-    weight rows. Max and min are zero unless MIN_MAX.
+    weight rows.
 
     Token t of the n_tokens at ``base`` sits at offset t + shift of the first block (shift < BLOCK:
     queries of a chunk that starts inside a block). A block pools the tokens it has; a block
@@ -62,16 +59,56 @@ def _pool_rows(base, stride_s, n_tokens, shift, first, ROWS: tl.constexpr, D2: t
         x1 = tl.load(ptrs + D2, mask=valid[:, None], other=0.0).to(tl.float32)
         count = tl.minimum(n_tokens, start + BLOCK) - tl.maximum(start, 0)
         here = row_ids[:, None] == r
-        m0, h0, l0 = _pool_block(x0, valid, count, MIN_MAX)
-        m1, h1, l1 = _pool_block(x1, valid, count, MIN_MAX)
+        m0, h0, l0 = _pool_block(x0, valid, count)
+        m1, h1, l1 = _pool_block(x1, valid, count)
         mean0 = tl.where(here, m0[None, :], mean0)
         mean1 = tl.where(here, m1[None, :], mean1)
-        if MIN_MAX:
-            high0 = tl.where(here, h0[None, :], high0)
-            high1 = tl.where(here, h1[None, :], high1)
-            low0 = tl.where(here, l0[None, :], low0)
-            low1 = tl.where(here, l1[None, :], low1)
+        high0 = tl.where(here, h0[None, :], high0)
+        high1 = tl.where(here, h1[None, :], high1)
+        low0 = tl.where(here, l0[None, :], low0)
+        low1 = tl.where(here, l1[None, :], low1)
     return high0, high1, low0, low1, mean0, mean1
+
+
+@triton.jit
+def _sum_dot(a, b, acc):
+    """acc + a @ b; float32 operands at float32 accuracy."""
+    if b.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mean_rows(base, stride_s, n_tokens, shift, first, ROWS: tl.constexpr, D2: tl.constexpr,
+               BLOCK: tl.constexpr):  # fmt: skip
+    """Means of ROWS consecutive blocks from block ``first``, tokens placed as in
+    :func:`_pool_rows`: two [ROWS, D2] float32 tiles, channels [0, D2) and [D2, 2·D2).
+
+    Summed on tensor cores, two blocks of tokens per step: a 0/1 matrix that puts each token in
+    its block, times the tokens (exact products, float32 sums), with no reduction across warps.
+    """
+    CHUNK: tl.constexpr = 2 * BLOCK
+    offs_t = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, D2)
+    row_ids = tl.arange(0, ROWS)
+    sum0 = tl.zeros([ROWS, D2], dtype=tl.float32)
+    sum1 = tl.zeros([ROWS, D2], dtype=tl.float32)
+    end = tl.minimum(ROWS, tl.cdiv(n_tokens + shift, BLOCK) - first) * BLOCK
+    for t0 in range(0, end, CHUNK):
+        tokens = first * BLOCK - shift + t0 + offs_t
+        valid = (tokens >= 0) & (tokens < n_tokens)
+        ptrs = base + tokens[:, None] * stride_s + offs_d[None, :]
+        # [CHUNK, D2] each
+        x0 = tl.load(ptrs, mask=valid[:, None], other=0.0)
+        x1 = tl.load(ptrs + D2, mask=valid[:, None], other=0.0)
+        # [ROWS, CHUNK]: token t0 + i belongs to block row (t0 + i) // BLOCK.
+        owner = ((t0 + offs_t) // BLOCK)[None, :] == row_ids[:, None]
+        sum0 = _sum_dot(owner.to(x0.dtype), x0, sum0)
+        sum1 = _sum_dot(owner.to(x1.dtype), x1, sum1)
+    starts = (first + row_ids) * BLOCK - shift
+    counts = tl.minimum(n_tokens, starts + BLOCK) - tl.maximum(starts, 0)
+    counts = tl.maximum(counts, 1).to(tl.float32)[:, None]  # blocks past the end hold zeros
+    return sum0 / counts, sum1 / counts
 
 
 @triton.jit
@@ -146,14 +183,15 @@ def _block_features(
     HEAD_DIM: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     GATE: tl.constexpr, Q_LINEAR: tl.constexpr, K_POOLED: tl.constexpr,
 ):  # fmt: skip
-    # Grid: (block groups, batch · (Hq + Hkv)); the first Hq programs of a batch pool queries.
+    # Grid: (block groups, batch · (Hkv + Hq)); the first Hkv programs of a batch pool keys,
+    # the heavier work (max, min and the key linear), so they start first rather than trail.
     # Channels are handled in halves: the RoPE pairs, and tiles small enough for registers.
     D2: tl.constexpr = HEAD_DIM // 2
     H2: tl.constexpr = HIDDEN // 2
     first = tl.program_id(0).to(tl.int64) * ROWS
     heads = num_q_heads + num_kv_heads
     batch = (tl.program_id(1) // heads).to(tl.int64)
-    head = (tl.program_id(1) % heads).to(tl.int64)
+    head = ((tl.program_id(1) + num_q_heads) % heads).to(tl.int64)  # kv heads: Hq, Hq + 1, …
     blocks = first + tl.arange(0, ROWS)
     cos, sin = COS + batch * stride_tb, SIN + batch * stride_tb
     if head < num_q_heads:
@@ -162,8 +200,7 @@ def _block_features(
         valid = blocks < tl.cdiv(q_tokens + shift, BLOCK)
         if first < tl.cdiv(q_tokens + shift, BLOCK):
             base = Q + batch * stride_qb + head * stride_qh
-            pooled = _pool_rows(base, stride_qs, q_tokens, shift, first, ROWS, D2, BLOCK, False)
-            mean0, mean1 = pooled[4], pooled[5]
+            mean0, mean1 = _mean_rows(base, stride_qs, q_tokens, shift, first, ROWS, D2, BLOCK)
             out = QF + batch * stride_qfb + head * stride_qfh
             table_rows = query_start // BLOCK + blocks
             if not GATE:
@@ -194,14 +231,15 @@ def _block_features(
         else:
             valid = blocks < tl.cdiv(k_len, BLOCK)
             if first < tl.cdiv(k_len, BLOCK):
-                pooled = _pool_rows(base, stride_ks, k_len, 0, first, ROWS, D2, BLOCK, GATE)
                 if GATE:
+                    pooled = _pool_rows(base, stride_ks, k_len, 0, first, ROWS, D2, BLOCK)
                     _key_features(pooled, WK, KF, batch, kv_head, k_out_per_kv, blocks, valid,
                                   cos, sin, stride_wkh, stride_wki, stride_kfb, stride_kfh,
                                   stride_kfn, stride_ts, D2, H2)  # fmt: skip
                 else:
+                    mean0, mean1 = _mean_rows(base, stride_ks, k_len, 0, first, ROWS, D2, BLOCK)
                     out = KF + batch * stride_kfb + kv_head * stride_kfh
-                    _store_halves(out, pooled[4], pooled[5], blocks, valid, stride_kfn, D2)
+                    _store_halves(out, mean0, mean1, blocks, valid, stride_kfn, D2)
 
 
 @triton.jit
