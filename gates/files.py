@@ -46,7 +46,8 @@ def _require_supported(gate_type: str) -> None:
 class GateConfig:
     """Settings shared by every layer's gate, stored beside the weights.
 
-    `metadata` is free-form and JSON-serializable: training settings, data summary.
+    `metadata` is free-form and JSON-serializable: training settings, data summary, and
+    `local_blocks`, the local window the gates are meant to run with.
     """
 
     base_model: str
@@ -81,6 +82,17 @@ class GateConfig:
                 f"{self.num_q_heads} query heads cannot share {self.num_kv_heads} KV heads."
             )
         _require_supported(self.gate_type)
+        local = self.local_blocks
+        if isinstance(local, bool) or not isinstance(local, int) or local < 0:
+            raise ValueError(
+                f"the metadata's local_blocks must be a whole number, 0 or more, got {local!r}."
+            )
+
+    @property
+    def local_blocks(self) -> int:
+        """The local window the gates are meant to run with (`MaskPolicy.local_blocks`): the
+        metadata's `local_blocks`, 0 where it has none."""
+        return self.metadata.get("local_blocks", 0)
 
     def to_json(self) -> str:
         """One-line JSON of every field, keys sorted."""

@@ -45,12 +45,13 @@ Threshold = Annotated[
     ),
 ]
 LocalBlocks = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--local-blocks",
         envvar="SEER_LOCAL_BLOCKS",
         help="Always keep the N key blocks before each row's own block (a local window), inside "
-        "--sparsity's budget; the scores choose the rest (default 0: none).",
+        "--sparsity's budget; the scores choose the rest (default: the window the gate file "
+        "names, 0 without one).",
     ),
 ]
 Dense = Annotated[
@@ -182,7 +183,7 @@ def check_generation_flags(
         raise SeerError(f"--sparsity must be in [0, 1), got {sparsity}.")
     if threshold is not None and not (0 <= threshold < math.inf):
         raise SeerError(f"--threshold must be a finite number, 0 or more, got {threshold}.")
-    if local_blocks < 0:
+    if local_blocks is not None and local_blocks < 0:
         raise SeerError(f"--local-blocks must be 0 or more, got {local_blocks}.")
     if max_tokens < 1:
         raise SeerError(f"--max-tokens must be at least 1, got {max_tokens}.")

@@ -73,7 +73,10 @@ def print_stats(console: Console, stats: GenerationStats, requested_sparsity: fl
         console.print(f"Context: {stats.n_ctx} tokens, {_rope(stats)}")
     if stats.sparsity is not None:
         asked = f" (requested {requested_sparsity:.2f})" if requested_sparsity is not None else ""
-        console.print(f"Sparsity: {stats.sparsity:.3f} of causal blocks skipped{asked}")
+        console.print(
+            f"Sparsity: {stats.sparsity:.3f} of causal blocks skipped{asked}, "
+            f"local window {stats.local_blocks} blocks"
+        )
     per_device = stats.peak_memory_gb_per_device
     split = ", ".join(f"{device} {gb:.2f} GB" for device, gb in per_device.items())
     detail = f" ({split})" if len(per_device) > 1 else ""

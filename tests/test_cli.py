@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BOOK, long_book
-from seer_gates import GateConfig, block_count, build_gates, save_gates
-from tiny_models import save_tiny_model, topk_sparsity
+from seer_gates import GateConfig, block_count, build_gates, read_gate_config, save_gates
+from tiny_models import gate_config, save_tiny_model, tiny_gates, tiny_model, topk_sparsity
 from typer.testing import CliRunner
 
 from seer_cli.app import app
@@ -215,6 +215,61 @@ def test_truncate_warns_how_much_was_cut(tmp_path):
     warnings = [line for line in stderr_lines(result) if line.startswith("warning:")]
     assert len(warnings) == 1
     assert re.search(r"cut \d+ tokens from the end of the document", warnings[0]), warnings
+
+
+# ---------------------------------------------------------------- the local window
+
+
+@pytest.fixture(scope="module")
+def tiny_with_gates(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny model folder and a gate file for it that names a local window of 2 blocks."""
+    folder = tmp_path_factory.mktemp("tiny")
+    model = save_tiny_model("llama", folder / "tiny-llama")
+    loaded = tiny_model("llama")
+    config = dataclasses.replace(gate_config(loaded), metadata={"local_blocks": 2})
+    save_gates(folder / "gates.safetensors", tiny_gates(loaded), config)
+    return model, folder / "gates.safetensors"
+
+
+@pytest.mark.parametrize(
+    "flag, env, config, used",
+    [
+        ([], {}, "", 2),
+        (["--local-blocks", "0"], {}, "", 0),
+        (["--local-blocks", "3"], {}, "", 3),
+        ([], {"SEER_LOCAL_BLOCKS": "0"}, "", 0),
+        ([], {}, "local-blocks = 1", 1),
+    ],
+    ids=["from-the-file", "flag-0", "flag-3", "environment-0", "config-file-1"],
+)
+def test_the_local_window_comes_from_the_gate_file_unless_given(
+    tiny_with_gates, tmp_path, monkeypatch, flag, env, config, used
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if config:
+        (tmp_path / "config.toml").write_text(config)
+        monkeypatch.setenv("SEER_CONFIG", str(tmp_path / "config.toml"))
+    model, gates = tiny_with_gates
+    args = ["--model", str(model), "--gates", str(gates), "-p", "x" * 600, "-n", "1",
+            "--sparsity", "0.5", *flag]  # fmt: skip
+    assert json_run(*args)["local_blocks"] == used
+    result = seer(*args)
+    assert result.exit_code == 0, result.stderr
+    [sparsity] = [line for line in stderr_lines(result) if line.startswith("Sparsity:")]
+    assert sparsity.endswith(f", local window {used} blocks")
+
+
+def test_a_bad_local_window_in_a_gate_file_is_one_error_line(tiny_with_gates, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, gates = tiny_with_gates
+    settings = json.loads(read_gate_config(gates).to_json())
+    settings["metadata"]["local_blocks"] = -2
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(gates), bad, metadata={"seer_gate_config": json.dumps(settings)})
+    result = seer("--model", str(model), "--gates", str(bad), "-p", "Hello.", "--sparsity", "0.5")
+    assert_user_error(result, "bad.safetensors", "local_blocks", "0 or more", "-2")
 
 
 # ---------------------------------------------------------------- user errors

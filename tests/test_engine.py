@@ -245,6 +245,31 @@ def test_engine_policy_keeps_the_local_window(tiny_folder):
     assert policy == MaskPolicy(sparsity=0.5, local_blocks=3)
     with pytest.raises(SeerError, match="local_blocks must be"):
         Engine.load(dataclasses.replace(options, local_blocks=-1))
+    # The training-free estimator has no gate file to name a window.
+    pooled = Engine.load(dataclasses.replace(options, local_blocks=None))
+    assert pooled.sparse_prefill.policy.local_blocks == 0
+
+
+@pytest.mark.parametrize(
+    "recorded, asked, used",
+    [(2, None, 2), (2, 0, 0), (2, 3, 3), (None, None, 0)],
+    ids=["from-the-file", "explicit-0", "explicit-3", "file-without-a-window"],
+)
+def test_engine_runs_gates_with_the_window_their_file_names(
+    tiny_folder, tmp_path, recorded, asked, used
+):
+    model = tiny_model("qwen3")
+    config = gate_config(model, base_model="tiny-qwen3")
+    config.metadata = {} if recorded is None else {"local_blocks": recorded}
+    gate_file = tmp_path / "gates.safetensors"
+    save_gates(gate_file, tiny_gates(model), config)
+    engine = Engine.load(
+        EngineOptions(model=str(tiny_folder), gates=str(gate_file), sparsity=0.5,
+                      local_blocks=asked)
+    )  # fmt: skip
+    assert engine.sparse_prefill.policy == MaskPolicy(sparsity=0.5, local_blocks=used)
+    prompt = engine.prompt(document="x" * 900, instruction="Go on.", max_tokens=1)
+    assert engine.generate(prompt.ids, SamplingOptions(max_tokens=1)).stats.local_blocks == used
 
 
 def test_engine_refuses_gates_for_another_shape(tiny_folder, tmp_path):
@@ -410,7 +435,7 @@ def test_zero_sparsity_matches_dense_on_the_default_model(engines, book_prompt):
     assert dense.stats.predicted_n == 12
     assert dense.text.strip()
     assert sparse.text == dense.text
-    assert dense.stats.sparsity is None
+    assert dense.stats.sparsity is None and dense.stats.local_blocks is None
     assert sparse.stats.sparsity == 0.0
 
 
@@ -432,7 +457,8 @@ def test_high_sparsity_on_the_default_model(engines, book_prompt):
 @pytest.mark.model
 @pytest.mark.skipif(not shipped_gate_files(), reason="no gates are shipped")
 def test_shipped_gates_run_on_the_default_model(engines, book_prompt):
-    engine = engines(sparsity=0.5)  # --gates auto: the shipped file
+    # --gates auto: the shipped file, here without the local window it names.
+    engine = engines(sparsity=0.5, local_blocks=0)
     assert len(engine.sparse_prefill.gates) == 30
     result = greedy(engine, book_prompt, max_tokens=1)
     expected = topk_sparsity(block_count(len(book_prompt)), 0.5)

@@ -515,6 +515,32 @@ def test_load_errors(tmp_path):
         load_gates(tmp_path)
 
 
+def test_a_gate_file_names_the_local_window_its_gates_run_with(tmp_path):
+    path = tmp_path / "gates.safetensors"
+    for metadata, window in [({"steps": 10}, 0), ({"steps": 10, "local_blocks": 8}, 8)]:
+        config = make_config(metadata=metadata)
+        save_gates(path, build_gates(config), config)
+        assert load_gates(path)[0].local_blocks == window
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, "8"])
+def test_a_bad_local_window_in_a_gate_file_is_refused(tmp_path, value):
+    from safetensors.torch import load_file, save_file
+
+    config = make_config()
+    path = tmp_path / "bad.safetensors"
+    save_gates(path, build_gates(config), config)
+    settings = json.loads(config.to_json())
+    settings["metadata"]["local_blocks"] = value
+    save_file(load_file(path), path, metadata={"seer_gate_config": json.dumps(settings)})
+    with pytest.raises(GateFileError) as error:
+        load_gates(path)
+    assert str(error.value) == (
+        f"{path} has an unusable gate config: the metadata's local_blocks must be a whole "
+        f"number, 0 or more, got {value!r}."
+    )
+
+
 def write_published(folder, state, **config):
     folder.mkdir()
     hub = {
@@ -566,6 +592,7 @@ def test_load_published_folder(tmp_path, variant):
     assert (config.head_dim, config.hidden_size) == (64, h)
     assert config.base_model == "meta-llama/Llama-3.1-8B-Instruct"
     assert config.metadata["seerattn_threshold"] == 5e-4
+    assert config.local_blocks == 0
     assert load_gates(folder / "attn_gate_weights.pth")[0] == config
 
     q, k = randn(1, 150, 4, 64, seed=50), randn(1, 150, 2, 64, seed=51)

@@ -17,7 +17,7 @@ from seer_cli.engine.identity import (
     same_model,
     shipped_gate_files,
 )
-from seer_cli.engine.models import default_model_source
+from seer_cli.engine.models import DEFAULT_MODEL, default_model_source
 from seer_cli.engine.runtime import model_shape
 
 
@@ -73,6 +73,11 @@ def test_every_shipped_gate_file_records_its_model():
         assert identity and len(identity["fingerprint"]) > 0, path
 
 
+def test_the_default_models_shipped_gates_run_with_a_local_window_of_8():
+    [path] = [path for path in shipped_gate_files() if path.stem == DEFAULT_MODEL]
+    assert read_gate_config(path).local_blocks == 8
+
+
 @pytest.mark.model
 def test_the_bundled_gguf_named_by_path_gets_the_shipped_gates(tmp_path):
     source = default_model_source()
@@ -82,5 +87,8 @@ def test_the_bundled_gguf_named_by_path_gets_the_shipped_gates(tmp_path):
     args += ["-p", "x", "--sparsity", "0.5", "-n", "4", "--json", "-q"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    # Recognised as the bundled model, it also gets the bundled model's extended context.
-    assert json.loads(result.stdout)["n_ctx"] == 32768
+    # Recognised as the bundled model, it also gets the bundled model's extended context, and
+    # its gates run with the local window their file names.
+    data = json.loads(result.stdout)
+    assert data["n_ctx"] == 32768
+    assert data["local_blocks"] == 8

@@ -97,7 +97,7 @@ def batch(
     sparse_min_tokens: opt.SparseMinTokens = None,
     ubatch_size: opt.UbatchSize = None,
     threshold: opt.Threshold = None,
-    local_blocks: opt.LocalBlocks = 0,
+    local_blocks: opt.LocalBlocks = None,
     dense: opt.Dense = False,
     device: opt.Device = "auto",
     device_map: opt.DeviceMap = None,

@@ -33,8 +33,9 @@ def distill(
         int,
         typer.Option(
             "--local-blocks",
-            help="Train for a policy that always keeps this local window (run the gates with "
-            "the same --local-blocks): the gates learn to rank only the blocks beyond it.",
+            help="Train for a policy that always keeps this local window, which the gate file "
+            "records for seer generate to run the gates with: the gates learn to rank only the "
+            "blocks beyond it.",
         ),
     ] = 0,
     val_fraction: Annotated[

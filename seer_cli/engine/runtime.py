@@ -1,6 +1,6 @@
 """Loading a model with its gates once, then generating: the core of the engine's API."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .context import ContextSettings, ModelContext
@@ -28,13 +28,14 @@ class EngineOptions:
     in one pass; None: ``generation.default_ubatch_size``, chunks of 16384 for sparse prompts
     past 32768 tokens, else one pass), which bounds the activations' memory.
     ``local_blocks``: key blocks before each diagonal that sparse prefill always keeps
-    (``MaskPolicy.local_blocks``)."""
+    (``MaskPolicy.local_blocks``); None: the window the gate file names (0 where it names
+    none, and for the pooled estimator)."""
 
     model: str | None = None
     gates: str = "auto"
     sparsity: float | None = None
     threshold: float | None = None
-    local_blocks: int = 0
+    local_blocks: int | None = None
     dense: bool = False
     device: str = "auto"
     dtype: str = "auto"
@@ -107,7 +108,7 @@ class Engine:
             try:
                 policy = MaskPolicy(
                     sparsity=options.sparsity, threshold=options.threshold,
-                    local_blocks=options.local_blocks,
+                    local_blocks=options.local_blocks or 0,  # None: the gate file's, below
                 )  # fmt: skip
             except ValueError as error:
                 raise SeerError(str(error)) from error
@@ -131,7 +132,11 @@ class Engine:
         if policy is not None:
             from .attention import SparsePrefill, default_min_sparse_tokens
 
-            gates = load_model_gates(gate_path, model, source.name, device) if gate_path else None
+            gates = None
+            if gate_path:
+                config, gates = load_checked_gates(gate_path, model, source.name, device)
+                if options.local_blocks is None:  # the window the gates are meant to run with
+                    policy = replace(policy, local_blocks=config.local_blocks)
             min_tokens = options.sparse_min_tokens
             if min_tokens is None:
                 min_tokens = default_min_sparse_tokens(device, options.sparsity)
@@ -196,6 +201,8 @@ class Engine:
         if self.sparse_prefill is not None:
             result.stats.sparsity = self.sparse_prefill.stats.overall()
             result.stats.sparsity_per_layer = self.sparse_prefill.stats.per_layer()
+            if result.stats.sparsity is not None:
+                result.stats.local_blocks = self.sparse_prefill.policy.local_blocks
         return result
 
 
@@ -233,6 +240,12 @@ def resolve_gate_path(gates: str, model, model_name: str) -> str | None:
 
 
 def load_model_gates(path: str, model, model_name: str, device):
+    """The gates of ``path`` for ``model``, on ``device``."""
+    return load_checked_gates(path, model, model_name, device)[1]
+
+
+def load_checked_gates(path: str, model, model_name: str, device):
+    """``(config, gates)`` of ``path``, checked against ``model``; gates on ``device``."""
     from seer_gates import GateFileError, GateMismatchError, check_fits, load_gates
 
     try:
@@ -240,4 +253,4 @@ def load_model_gates(path: str, model, model_name: str, device):
         check_fits(config, model_name=model_name, **model_shape(model.config))
     except (GateFileError, GateMismatchError) as error:
         raise SeerError(str(error)) from error
-    return gates.to(device).eval()
+    return config, gates.to(device).eval()
