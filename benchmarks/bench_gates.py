@@ -29,6 +29,7 @@ from seer_gates import (
     block_rope_tables,
     default_rotary,
     gate_block_lists,
+    pool_keys,
     select_block_lists,
     select_blocks,
 )
@@ -132,6 +133,14 @@ def sweep_rows(length: int, default_ms: float) -> list[str]:
             setattr(module, attribute, saved)
         label = f"{attribute} = {value}{' per SM' if per_sm else ''}"
         rows.append(f"| llama-3.1-8b | {length} | {label} | {ms:.3f} | {default_ms:.3f} |")
+        print(rows[-1], flush=True)
+    # Where the features launch spends its time: key pooling is what pooled keys skip.
+    pooled = pool_keys(k)
+    for label, keys, pooled_input in (("features launch", k, False),
+                                      ("features launch, keys pooled already", pooled, True)):
+        ms = median_ms(lambda keys=keys, pooled_input=pooled_input: gate_block_features(
+            q, keys, gate.mask_linear_k.weight, cos, sin, keys_pooled=pooled_input))
+        rows.append(f"| llama-3.1-8b | {length} | {label} | {ms:.3f} | |")
         print(rows[-1], flush=True)
     return rows
 
