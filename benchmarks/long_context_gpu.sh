@@ -8,13 +8,14 @@
 # it (or MODEL=/path/to/model, passed as --model) and the novels in BOOKS (default
 # ../shared/data/books, else shared/data/books). Everything goes to OUT (default ./out): the new
 # gate file, each step's JSON output and stderr log; a short table is printed last.
-# Expected on an H100 (estimates): scaling about 1.5 minutes, distill about 3, eval32k about 3,
-# eval8k under 1, local under 2 (measured 1.5), local-gates about 5, local-gates-8k under 1;
-# each stage alone fits a 10-minute call.
+# Expected on an H100 (estimates): scaling about 1.5 minutes, yarn about 2.5 (7 settings of
+# about 20 s), distill about 3, eval32k about 3, eval8k under 1, local under 2 (measured 1.5),
+# local-gates about 5, local-gates-8k under 1; each stage alone fits a 10-minute call.
 #
 #   bash benchmarks/long_context_gpu.sh            # all stages
-#   bash benchmarks/long_context_gpu.sh distill    # one stage: scaling, distill, eval32k, eval8k,
-#                                                  # local, local-gates, local-gates-8k, table
+#   bash benchmarks/long_context_gpu.sh distill    # one stage: scaling, yarn, distill, eval32k,
+#                                                  # eval8k, local, local-gates, local-gates-8k,
+#                                                  # table
 #
 # LONG, NATIVE, STEPS and DISTILL_WINDOWS (default: all) shrink the run for a smoke test on the
 # CPU with a tiny model, e.g. MODEL=tiny-llama LONG=2048 NATIVE=1024 STEPS=2 DISTILL_WINDOWS=4.
@@ -61,6 +62,20 @@ scaling() {
     step "scaling-$kind-x$scale" eval "${MODEL_ARGS[@]}" --gates "$SHIPPED_GATES" \
       --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${flags[@]}" --max-windows 3 \
       --tasks context --json
+  done
+}
+
+yarn() {
+  # Stage `yarn`: YaRN ×4 from 8192 at 32k (stage scaling's scaling-yarn-x4) with one of YaRN's
+  # knobs off its default at a time, the context task alone, to choose them by measurement.
+  local settings=("af0.9 --yarn-attn-factor 0.9" "af1.1 --yarn-attn-factor 1.1"
+                  "af1.2 --yarn-attn-factor 1.2" "bf16 --yarn-beta-fast 16"
+                  "bf64 --yarn-beta-fast 64" "bs2 --yarn-beta-slow 2" "bs0.5 --yarn-beta-slow 0.5")
+  for setting in "${settings[@]}"; do
+    read -r name flag value <<< "$setting"
+    step "yarn-$name" eval "${MODEL_ARGS[@]}" --gates "$SHIPPED_GATES" \
+      --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${EXTENSION[@]}" "$flag" "$value" \
+      --max-windows 3 --tasks context --json
   done
 }
 
@@ -148,7 +163,7 @@ for distill_name in ("distill", "distill-local8"):
               f"{distill.get('harvest_minutes')} min, peak {distill.get('peak_memory_gb')} GB), "
               f"scaling {distill.get('rope_scaling')}, val recall@0.9 {distill.get('val_recall'):.3f} "
               f"(oracle {distill.get('val_oracle_recall'):.3f})")
-names = sorted(path.stem for path in out.glob("scaling-*.json"))
+names = [path.stem for stage in ("scaling", "yarn") for path in sorted(out.glob(f"{stage}-*.json"))]
 for name in names + ["eval32k-new", "eval32k-shipped", "eval8k-new", "eval8k-shipped", "local",
                      "local-gates", "local8k-local8", "local8k-shipped"]:
     report = load(name)
@@ -183,7 +198,8 @@ EOF
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(scaling distill eval32k eval8k local local-gates local-gates-8k table)
+[ ${#stages[@]} -gt 0 ] || stages=(scaling yarn distill eval32k eval8k local local-gates local-gates-8k
+                                   table)
 for stage in "${stages[@]}"; do
   # `local` is a shell builtin, so its stage's function has another name.
   [ "$stage" = local ] && stage=local_windows

@@ -164,6 +164,32 @@ YarnOrigCtx = Annotated[
         help="Original context that YaRN stretches (default: the model's native context).",
     ),
 ]
+YarnAttnFactor = Annotated[
+    float | None,
+    typer.Option(
+        "--yarn-attn-factor",
+        envvar="SEER_YARN_ATTN_FACTOR",
+        help="Multiplier on YaRN's attention scaling, 0.1·ln(scale) + 1 (default 1).",
+    ),
+]
+YarnBetaFast = Annotated[
+    float | None,
+    typer.Option(
+        "--yarn-beta-fast",
+        envvar="SEER_YARN_BETA_FAST",
+        help="YaRN keeps the frequencies that turn more than this many times over the original "
+        "context (default 32).",
+    ),
+]
+YarnBetaSlow = Annotated[
+    float | None,
+    typer.Option(
+        "--yarn-beta-slow",
+        envvar="SEER_YARN_BETA_SLOW",
+        help="YaRN interpolates the frequencies that turn fewer than this many times over the "
+        "original context (default 1); a ramp lies between the two.",
+    ),
+]
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", envvar="SEER_QUIET", help="No stats or progress on stderr.")
 ]
@@ -197,8 +223,10 @@ def check_generation_flags(
         raise SeerError(f"--truncate must be one of {', '.join(TRUNCATE_MODES)}, got {truncate!r}.")
 
 
-def context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx) -> ContextSettings:
-    """The context flags, checked before any model is loaded."""
-    settings = ContextSettings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
+def context_settings(*flags) -> ContextSettings:
+    """The context flags in ContextSettings' order (--ctx-size, --rope-scaling, --rope-scale,
+    --yarn-orig-ctx, --yarn-attn-factor, --yarn-beta-fast, --yarn-beta-slow), checked before
+    any model is loaded."""
+    settings = ContextSettings(*flags)
     settings.check()
     return settings

@@ -70,7 +70,7 @@ def print_stats(console: Console, stats: GenerationStats, requested_sparsity: fl
         f"Generation: {stats.predicted_n} tokens, {stats.predicted_per_second:.1f} tokens-per-sec"
     )
     if stats.n_ctx is not None:
-        console.print(f"Context: {stats.n_ctx} tokens, {_rope(stats)}")
+        console.print(f"Context: {stats.n_ctx} tokens, {_rope(stats)}", soft_wrap=True)
     if stats.sparsity is not None:
         asked = f" (requested {requested_sparsity:.2f})" if requested_sparsity is not None else ""
         console.print(
@@ -87,5 +87,8 @@ def _rope(stats: GenerationStats) -> str:
     """How the prompt's positions were read, against the model's native context."""
     if stats.rope_scaling == "none":
         return f"RoPE unscaled (prompt and answer fit the native {stats.n_ctx_train})"
-    scaling = RopeScaling(stats.rope_scaling, stats.rope_scale, stats.yarn_orig_ctx)
+    scaling = RopeScaling(
+        stats.rope_scaling, stats.rope_scale, stats.yarn_orig_ctx, stats.yarn_attn_factor,
+        stats.yarn_beta_fast, stats.yarn_beta_slow,
+    )  # fmt: skip
     return f"RoPE {scaling} (past the native {stats.n_ctx_train})"

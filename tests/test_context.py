@@ -6,6 +6,7 @@ Tiny random models read CONTEXT (1024) tokens natively; the tests extend them to
 
 import copy
 import json
+import math
 import re
 
 import pytest
@@ -97,6 +98,14 @@ def test_scale_defaults_to_the_size_over_the_original_context(settings, scaling)
     assert plan_context(tiny_model("llama").config, "tiny", settings).scaling == scaling
 
 
+def test_yarn_knobs_not_given_keep_their_defaults_and_show_when_given():
+    settings = ContextSettings(ctx_size=EXTENDED, yarn_attn_factor=1.1, yarn_beta_slow=2)
+    scaling = plan_context(tiny_model("llama").config, "tiny", settings).scaling
+    assert scaling == RopeScaling("yarn", 4.0, CONTEXT, attn_factor=1.1, beta_slow=2)
+    assert scaling.beta_fast == 32
+    assert str(scaling) == f"YaRN ×4 from {CONTEXT}, attn factor 1.1, beta slow 2"
+
+
 NONSENSE = [
     (ContextSettings(ctx_size=0), ["--ctx-size", "at least 1"]),
     (ContextSettings(ctx_size=-5), ["--ctx-size", "-5"]),
@@ -109,6 +118,14 @@ NONSENSE = [
     (ContextSettings(ctx_size=EXTENDED, rope_scale=2), ["stretches 1024 tokens to 2048", "4096"]),
     (ContextSettings(ctx_size=EXTENDED, rope_scaling="none"), ["none does not extend"]),
     (ContextSettings(ctx_size=EXTENDED, yarn_orig_ctx=2048), ["longer than the native"]),
+    (ContextSettings(yarn_attn_factor=0), ["--yarn-attn-factor must be a positive number"]),
+    (ContextSettings(yarn_beta_fast=-8), ["--yarn-beta-fast must be a positive number", "-8"]),
+    (ContextSettings(yarn_beta_slow=float("inf")), ["--yarn-beta-slow must be a positive"]),
+    (ContextSettings(yarn_beta_fast=4, yarn_beta_slow=4), ["slow 4 must be below --yarn-beta"]),
+    (ContextSettings(yarn_beta_slow=40), ["--yarn-beta-slow 40 must be below --yarn-beta-fast 32"]),
+    (ContextSettings(yarn_beta_fast=0.5), ["slow 1 must be below --yarn-beta-fast 0.5"]),
+    (ContextSettings(rope_scaling="linear", yarn_attn_factor=2), ["--yarn-attn-factor applies to"]),
+    (ContextSettings(rope_scaling="none", yarn_beta_fast=16), ["--yarn-beta-fast applies to"]),
 ]
 
 
@@ -146,6 +163,42 @@ def test_long_prompts_run_transformers_own_scaled_rope(family, kind, parameters)
     # Back to a short prompt: the model's own RoPE again.
     assert context.apply(300) is None
     torch.testing.assert_close(logits_of(model, short_ids), unscaled, rtol=0, atol=0)
+
+
+YARN_KNOBS = {"yarn_attn_factor": 1.2, "yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0}
+
+
+def scaled_rotary(model, **knobs):
+    """The rotary module ``model`` runs a 2000-token prompt with, YaRN ×4 with ``knobs``."""
+    ModelContext(model, "tiny", ContextSettings(EXTENDED, **knobs)).apply(2000)
+    return model.model.rotary_emb
+
+
+def test_without_yarn_knobs_the_rope_config_is_transformers_default_yarn():
+    model = tiny_model("llama")
+    rotary = scaled_rotary(model)
+    assert rotary.config.rope_parameters == {**model.config.rope_parameters, **YARN}
+
+
+def test_yarn_knobs_reach_transformers_rope_parameters():
+    model, ids = tiny_model("llama"), random_ids(2000)
+    parameters = scaled_rotary(model, **YARN_KNOBS).config.rope_parameters
+    knobs = {key: parameters[key] for key in ("attention_factor", "beta_fast", "beta_slow")}
+    assert (knobs["beta_fast"], knobs["beta_slow"]) == (16.0, 2.0)
+    expected = logits_of(reference_model(model, {**YARN, **knobs}), ids)
+    torch.testing.assert_close(logits_of(model, ids), expected)
+    default = tiny_model("llama")
+    scaled_rotary(default)
+    assert not torch.allclose(logits_of(model, ids), logits_of(default, ids))
+
+
+def test_yarn_attn_factor_multiplies_transformers_default_attention_scaling():
+    default = scaled_rotary(tiny_model("llama")).attention_scaling
+    assert default == pytest.approx(0.1 * math.log(FACTOR) + 1)  # transformers' YaRN default
+    scaled = scaled_rotary(tiny_model("llama"), yarn_attn_factor=1.2)
+    assert scaled.config.rope_parameters["attention_factor"] == pytest.approx(1.2 * default)
+    assert scaled.attention_scaling == pytest.approx(1.2 * default)
+    torch.testing.assert_close(scaled.inv_freq, scaled_rotary(tiny_model("llama")).inv_freq)
 
 
 def test_the_whole_sequence_decides_and_too_long_is_refused():
@@ -233,6 +286,11 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
+def yarn_knobs(fields: dict) -> tuple:
+    """YaRN's knobs as JSON output and gate metadata record them."""
+    return tuple(fields[f"yarn_{name}"] for name in ("attn_factor", "beta_fast", "beta_slow"))
+
+
 def generate_args(folder, document: str, *extra: str) -> list[str]:
     return ["generate", "--model", str(folder / "tiny-llama"), "-f", str(folder / document),
             "-p", "Sum.", "-n", "4", "--device", "cpu", *extra]  # fmt: skip
@@ -245,6 +303,7 @@ def test_generate_says_which_rope_it_used(tiny_folder):
     assert stats["prompt_n"] > CONTEXT
     assert (stats["n_ctx"], stats["n_ctx_train"], stats["rope_scaling"]) == (4096, CONTEXT, "yarn")
     assert (stats["rope_scale"], stats["yarn_orig_ctx"]) == (4.0, CONTEXT)
+    assert yarn_knobs(stats) == (1, 32, 1)
 
     result = run(*generate_args(tiny_folder, "short.txt", "--ctx-size", "4096"))
     assert result.exit_code == 0, result.stderr
@@ -269,6 +328,21 @@ def test_context_keys_in_the_config_file(tiny_folder, tmp_path, monkeypatch):
     assert (stats["n_ctx"], stats["rope_scaling"], stats["rope_scale"]) == (4096, "linear", 4.0)
 
 
+def test_yarn_knobs_from_flags_environment_and_config_file(tiny_folder, tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text("yarn-beta-fast = 16\n", encoding="utf-8")
+    monkeypatch.setenv("SEER_CONFIG", str(config))
+    args = generate_args(tiny_folder, "long.txt", "--ctx-size", "4096", "--yarn-attn-factor", "1.1")
+    result = run(*args, "--json", env={"SEER_YARN_BETA_SLOW": "2"})
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert yarn_knobs(stats) == (1.1, 16, 2)
+    result = run(*args)
+    assert result.exit_code == 0, result.stderr
+    line = f"RoPE YaRN ×4 from {CONTEXT}, attn factor 1.1, beta fast 16 (past the native {CONTEXT})"
+    assert line in ANSI.sub("", result.stderr)
+
+
 CLI_NONSENSE = [
     (["--ctx-size", "0"], "--ctx-size must be at least 1"),
     (["--ctx-size", "-1"], "--ctx-size must be at least 1"),
@@ -276,6 +350,10 @@ CLI_NONSENSE = [
     (["--ctx-size", "4096", "--rope-scale", "2"], "short of --ctx-size 4096"),
     (["--ctx-size", "4096", "--rope-scaling", "none"], "does not extend it"),
     (["--rope-scaling", "dynamic"], "--rope-scaling must be one of none, linear, yarn"),
+    (["--yarn-attn-factor", "0"], "--yarn-attn-factor must be a positive number, got 0.0"),
+    (["--yarn-beta-fast", "-1"], "--yarn-beta-fast must be a positive number, got -1.0"),
+    (["--yarn-beta-slow", "32"], "--yarn-beta-slow 32 must be below --yarn-beta-fast 32"),
+    (["--rope-scaling", "linear", "--yarn-beta-fast", "16"], "applies to --rope-scaling yarn only"),
     (["--ctx-size", "2048"], "pass --truncate"),
 ]
 
@@ -283,6 +361,17 @@ CLI_NONSENSE = [
 @pytest.mark.parametrize("args, phrase", CLI_NONSENSE, ids=[" ".join(a) for a, _ in CLI_NONSENSE])
 def test_nonsense_flags_are_one_error_line(tiny_folder, args, phrase):
     assert phrase in one_error_line(run(*generate_args(tiny_folder, "long.txt", *args)))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["batch", "doc.txt"], ["eval", "--data", "doc.txt"], ["profile", "prefill"],
+     ["distill", "--data", "doc.txt", "--out", "gates.safetensors"]],
+    ids=["batch", "eval", "profile", "distill"],
+)  # fmt: skip
+def test_every_command_with_context_flags_checks_the_yarn_knobs(command):
+    error = one_error_line(run(*command, "--yarn-beta-fast", "0.5"))
+    assert "--yarn-beta-slow 1 must be below --yarn-beta-fast 0.5" in error
 
 
 def test_truncate_fits_the_extended_context(tiny_folder):
@@ -308,6 +397,7 @@ def test_eval_measures_the_extension_against_the_native_context(tiny_folder):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["rope"], report["tail_tokens"]) == ("YaRN ×4 from 1024", 500)
+    assert report["scaling"] == scaling_fields(RopeScaling("yarn", 4.0, CONTEXT))
     rows = report["context"]
     assert [(row["tokens"], row["rope"]) for row in rows] == [
         (CONTEXT, "native"),
@@ -316,6 +406,17 @@ def test_eval_measures_the_extension_against_the_native_context(tiny_folder):
     ]
     assert rows[0]["delta_percent"] is None and rows[2]["delta_percent"] is not None
     assert [row["policy"] for row in report["perplexity"]][0] == "dense"
+
+
+def test_eval_reports_the_yarn_knobs(tiny_folder):
+    result = run(*eval_args(tiny_folder, "--seq-len", "2048", "--tasks", "context", "--tail",
+                            "500", "--yarn-attn-factor", "0.9", "--yarn-beta-slow", "2",
+                            "--json"))  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    rope = f"YaRN ×4 from {CONTEXT}, attn factor 0.9, beta slow 2"
+    assert report["rope"] == rope == report["context"][-1]["rope"]
+    assert yarn_knobs(report["scaling"]) == (0.9, 32, 2)
 
 
 def test_evaluation_tail_perplexity_counts_the_last_tokens():
@@ -354,6 +455,7 @@ def test_distilled_gates_record_their_scaling(tiny_folder, tmp_path):
     assert metadata["n_ctx_train"] == CONTEXT
     assert (metadata["rope_scaling"], metadata["rope_scale"]) == ("yarn", 2.0)
     assert metadata["yarn_orig_ctx"] == CONTEXT
+    assert yarn_knobs(metadata) == (1, 32, 1)
     assert metadata["harvest_minutes"] >= 0
 
 

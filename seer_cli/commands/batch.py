@@ -113,6 +113,9 @@ def batch(
     rope_scaling: opt.RopeScaling = None,
     rope_scale: opt.RopeScale = None,
     yarn_orig_ctx: opt.YarnOrigCtx = None,
+    yarn_attn_factor: opt.YarnAttnFactor = None,
+    yarn_beta_fast: opt.YarnBetaFast = None,
+    yarn_beta_slow: opt.YarnBetaSlow = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """Run many documents through one loaded model, writing one JSON line per document."""
@@ -120,7 +123,10 @@ def batch(
         sparsity=sparsity, threshold=threshold, local_blocks=local_blocks, dense=dense,
         max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, truncate=truncate,
     )  # fmt: skip
-    context = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
+    context = opt.context_settings(
+        ctx_size, rope_scaling, rope_scale, yarn_orig_ctx, yarn_attn_factor, yarn_beta_fast,
+        yarn_beta_slow,
+    )  # fmt: skip
     if resume and out is None:
         raise SeerError("--resume needs --out, the results file to continue.")
     items = collect_items(inputs, exclude=out)

@@ -56,6 +56,9 @@ def distill(
     rope_scaling: opt.RopeScaling = None,
     rope_scale: opt.RopeScale = None,
     yarn_orig_ctx: opt.YarnOrigCtx = None,
+    yarn_attn_factor: opt.YarnAttnFactor = None,
+    yarn_beta_fast: opt.YarnBetaFast = None,
+    yarn_beta_slow: opt.YarnBetaSlow = None,
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
     quiet: opt.Quiet = False,
@@ -68,7 +71,10 @@ def distill(
     _check_flags(out, steps, batch_size, seq_len, lr, val_fraction, overwrite, resume)
     if local_blocks < 0:
         raise SeerError(f"--local-blocks must be 0 or more, got {local_blocks}.")
-    context_settings = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
+    context_settings = opt.context_settings(
+        ctx_size, rope_scaling, rope_scale, yarn_orig_ctx, yarn_attn_factor, yarn_beta_fast,
+        yarn_beta_slow,
+    )  # fmt: skip
     import torch
     from rich.progress import (
         BarColumn,

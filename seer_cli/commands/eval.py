@@ -107,6 +107,9 @@ def evaluate(
     rope_scaling: opt.RopeScaling = None,
     rope_scale: opt.RopeScale = None,
     yarn_orig_ctx: opt.YarnOrigCtx = None,
+    yarn_attn_factor: opt.YarnAttnFactor = None,
+    yarn_beta_fast: opt.YarnBetaFast = None,
+    yarn_beta_slow: opt.YarnBetaSlow = None,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for the choice of windows and the pass keys.")
     ] = 0,
@@ -121,7 +124,10 @@ def evaluate(
 ) -> None:
     """Measure sparse prefill against dense attention: perplexity, attention recall, passkey."""
     chosen = _tasks(tasks)
-    context_settings = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
+    context_settings = opt.context_settings(
+        ctx_size, rope_scaling, rope_scale, yarn_orig_ctx, yarn_attn_factor, yarn_beta_fast,
+        yarn_beta_slow,
+    )  # fmt: skip
     sparsity_list = _fractions("--sparsities", sparsities)
     threshold_list = _thresholds(thresholds)
     local_list = _local_blocks(local_blocks)
@@ -134,7 +140,7 @@ def evaluate(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from ..engine.context import ModelContext
+    from ..engine.context import ModelContext, scaling_fields
     from ..engine.data import token_windows
     from ..engine.models import load_model, resolve_model
     from ..engine.placement import Placement
@@ -162,10 +168,12 @@ def evaluate(
     trained_gates = load_model_gates(gate_path, loaded, source.name, torch_device)
     windows, summary = token_windows(tokenizer, data, seq_len, max_windows, seed, min_windows=1)
     evaluation = Evaluation(loaded, tokenizer, trained_gates, windows, context, tail)
+    scaling = evaluation.scaling()
     report = EvalReport(
         model=source.name, gates=gate_path, device=str(torch_device),
         dtype=str(torch_dtype).removeprefix("torch."), seq_len=seq_len, windows=len(windows),
-        data_files=summary["data_files"], rope=evaluation.rope(), tail_tokens=tail,
+        data_files=summary["data_files"], rope=str(scaling or "native"),
+        scaling=scaling_fields(scaling), tail_tokens=tail,
     )  # fmt: skip
     if not quiet:
         _print_plan(report, torch_dtype == torch.float32 and torch_device.type == "cuda")

@@ -44,6 +44,9 @@ def generate(
     rope_scaling: opt.RopeScaling = None,
     rope_scale: opt.RopeScale = None,
     yarn_orig_ctx: opt.YarnOrigCtx = None,
+    yarn_attn_factor: opt.YarnAttnFactor = None,
+    yarn_beta_fast: opt.YarnBetaFast = None,
+    yarn_beta_slow: opt.YarnBetaSlow = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text and stats), nothing else.")
     ] = False,
@@ -57,7 +60,10 @@ def generate(
         sparsity=sparsity, threshold=threshold, local_blocks=local_blocks, dense=dense,
         max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, truncate=truncate,
     )  # fmt: skip
-    context = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
+    context = opt.context_settings(
+        ctx_size, rope_scaling, rope_scale, yarn_orig_ctx, yarn_attn_factor, yarn_beta_fast,
+        yarn_beta_slow,
+    )  # fmt: skip
     document = _read_input(file)
     if document is None and not prompt:
         raise SeerError("nothing to generate from: give --prompt, --file, or text on stdin.")

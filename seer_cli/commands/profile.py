@@ -123,6 +123,9 @@ def prefill(
     rope_scaling: opt.RopeScaling = None,
     rope_scale: opt.RopeScale = None,
     yarn_orig_ctx: opt.YarnOrigCtx = None,
+    yarn_attn_factor: opt.YarnAttnFactor = None,
+    yarn_beta_fast: opt.YarnBetaFast = None,
+    yarn_beta_slow: opt.YarnBetaSlow = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """Time to first token of a whole model, dense against sparse prefill.
@@ -133,7 +136,10 @@ def prefill(
     Prompts past a loaded model's native context run with its context extension (--ctx-size …).
     """
     _check_source(config, model)
-    context = opt.context_settings(ctx_size, rope_scaling, rope_scale, yarn_orig_ctx)
+    context = opt.context_settings(
+        ctx_size, rope_scaling, rope_scale, yarn_orig_ctx, yarn_attn_factor, yarn_beta_fast,
+        yarn_beta_slow,
+    )  # fmt: skip
     from ..engine.placement import Placement
     from ..engine.runtime import pick_device
     from ..measure import profiling

@@ -1,7 +1,8 @@
 """Context extension: prompts longer than the model's native context, read through RoPE scaling.
 
 The settings follow llama.cpp (``--ctx-size``, ``--rope-scaling none|linear|yarn``,
-``--rope-scale``, ``--yarn-orig-ctx``); the scaling itself is transformers' own rope types
+``--rope-scale``, ``--yarn-orig-ctx`` and YaRN's knobs ``--yarn-attn-factor``,
+``--yarn-beta-fast``, ``--yarn-beta-slow``); the scaling itself is transformers' own rope types
 (``rope_parameters`` with ``rope_type`` linear or yarn), built into a second rotary module of the
 model's own class. A sequence that fits the native context runs with the model's RoPE, unscaled;
 a longer one, up to the context size, with the scaled module, which stays in place for the
@@ -22,6 +23,11 @@ ROPE_SCALINGS = ("none", "linear", "yarn")
 # Models whose default context is longer than their native one: the bundled SmolLM2 reads 8192
 # tokens natively and 32768 under YaRN ×4 (README, Long context).
 EXTENDED_CONTEXT = {"SmolLM2-135M-Instruct": 32768}
+# YaRN's knobs when not given: llama.cpp's defaults, which are transformers' too (attention
+# factor 1 keeps transformers' own attention scaling).
+YARN_ATTN_FACTOR = 1.0
+YARN_BETA_FAST = 32.0
+YARN_BETA_SLOW = 1.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,9 @@ class ContextSettings:
     rope_scaling: str | None = None
     rope_scale: float | None = None
     yarn_orig_ctx: int | None = None
+    yarn_attn_factor: float | None = None
+    yarn_beta_fast: float | None = None
+    yarn_beta_slow: float | None = None
 
     def check(self) -> None:
         """Refuse nonsense values before a model is loaded, one sentence each."""
@@ -51,40 +60,88 @@ class ContextSettings:
             raise SeerError("--rope-scale and --yarn-orig-ctx need --rope-scaling linear or yarn.")
         if self.rope_scaling == "linear" and self.yarn_orig_ctx is not None:
             raise SeerError("--yarn-orig-ctx applies to --rope-scaling yarn only.")
+        knobs = {
+            "--yarn-attn-factor": self.yarn_attn_factor,
+            "--yarn-beta-fast": self.yarn_beta_fast,
+            "--yarn-beta-slow": self.yarn_beta_slow,
+        }
+        for flag, value in knobs.items():
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise SeerError(f"{flag} must be a positive number, got {value}.")
+        fast = self.yarn_beta_fast or YARN_BETA_FAST
+        slow = self.yarn_beta_slow or YARN_BETA_SLOW
+        if slow >= fast:
+            raise SeerError(f"--yarn-beta-slow {slow:g} must be below --yarn-beta-fast {fast:g}.")
+        given = [flag for flag, value in knobs.items() if value is not None]
+        if self.rope_scaling in ("none", "linear") and given:
+            raise SeerError(f"{given[0]} applies to --rope-scaling yarn only.")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
     """One scaling in transformers' terms: ``kind`` linear or yarn, position ``factor``, and the
-    ``original`` context it stretches (YaRN's original_max_position_embeddings)."""
+    ``original`` context it stretches (YaRN's original_max_position_embeddings); for YaRN also
+    llama.cpp's knobs: ``attn_factor`` multiplies YaRN's attention scaling, and frequencies
+    turning more than ``beta_fast`` times over the original context are kept, fewer than
+    ``beta_slow`` times interpolated, with a ramp between."""
 
     kind: str
     factor: float
     original: int | None
+    attn_factor: float = YARN_ATTN_FACTOR
+    beta_fast: float = YARN_BETA_FAST
+    beta_slow: float = YARN_BETA_SLOW
 
     def rope_parameters(self, base: dict) -> dict:
         """transformers' ``rope_parameters`` for this scaling, on top of the model's ``base``
-        (its rope_theta and any other keys)."""
+        (its rope_theta and any other keys); YaRN's knobs only when off their defaults."""
         params = {**base, "rope_type": self.kind, "factor": float(self.factor)}
-        if self.kind == "yarn":
-            params["original_max_position_embeddings"] = self.original
+        if self.kind != "yarn":
+            return params
+        params["original_max_position_embeddings"] = self.original
+        knobs = self.changed_knobs()
+        if "attn_factor" in knobs:
+            # transformers' default attention_factor, for a RoPE without mscale keys (seer
+            # extends plain RoPE only), is 0.1·ln(factor) + 1; llama.cpp's factor multiplies it.
+            params["attention_factor"] = knobs["attn_factor"] * (0.1 * math.log(self.factor) + 1)
+        for name in ("beta_fast", "beta_slow"):
+            if name in knobs:
+                params[name] = float(knobs[name])
         return params
 
+    def changed_knobs(self) -> dict:
+        """YaRN's knobs off their defaults: ``attn_factor``, ``beta_fast``, ``beta_slow``."""
+        defaults = {
+            "attn_factor": YARN_ATTN_FACTOR,
+            "beta_fast": YARN_BETA_FAST,
+            "beta_slow": YARN_BETA_SLOW,
+        }
+        return {
+            name: getattr(self, name)
+            for name, default in defaults.items()
+            if getattr(self, name) != default
+        }
+
     def __str__(self) -> str:
-        if self.kind == "yarn":
-            return f"YaRN ×{self.factor:g} from {self.original}"
-        return f"linear ×{self.factor:g}"
+        if self.kind != "yarn":
+            return f"linear ×{self.factor:g}"
+        knobs = self.changed_knobs().items()
+        words = [f"{name.replace('_', ' ')} {value:g}" for name, value in knobs]
+        return ", ".join([f"YaRN ×{self.factor:g} from {self.original}", *words])
 
 
 def scaling_fields(scaling: RopeScaling | None) -> dict:
     """The RoPE a sequence ran with, in fields named after llama.cpp's flags (JSON output, gate
-    metadata): ``rope_scaling`` none, linear or yarn; ``rope_scale``; ``yarn_orig_ctx``."""
-    if scaling is None:
-        return {"rope_scaling": "none", "rope_scale": None, "yarn_orig_ctx": None}
+    metadata): ``rope_scaling`` none, linear or yarn; ``rope_scale``; ``yarn_orig_ctx``,
+    ``yarn_attn_factor``, ``yarn_beta_fast`` and ``yarn_beta_slow`` (None unless YaRN)."""
+    yarn = scaling is not None and scaling.kind == "yarn"
     return {
-        "rope_scaling": scaling.kind,
-        "rope_scale": scaling.factor,
-        "yarn_orig_ctx": scaling.original if scaling.kind == "yarn" else None,
+        "rope_scaling": scaling.kind if scaling else "none",
+        "rope_scale": scaling.factor if scaling else None,
+        "yarn_orig_ctx": scaling.original if yarn else None,
+        "yarn_attn_factor": scaling.attn_factor if yarn else None,
+        "yarn_beta_fast": scaling.beta_fast if yarn else None,
+        "yarn_beta_slow": scaling.beta_slow if yarn else None,
     }
 
 
@@ -135,7 +192,13 @@ def plan_context(config, model_name: str, settings: ContextSettings) -> ContextP
             f"--rope-scale {factor:g} stretches {original} tokens to {factor * original:g}, "
             f"short of --ctx-size {size}."
         )
-    return ContextPlan(native, size, RopeScaling(kind, factor, original))
+    scaling = RopeScaling(
+        kind, factor, original,
+        attn_factor=settings.yarn_attn_factor or YARN_ATTN_FACTOR,
+        beta_fast=settings.yarn_beta_fast or YARN_BETA_FAST,
+        beta_slow=settings.yarn_beta_slow or YARN_BETA_SLOW,
+    )  # fmt: skip
+    return ContextPlan(native, size, scaling)
 
 
 class ModelContext:

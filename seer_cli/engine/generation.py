@@ -74,12 +74,15 @@ class GenerationStats:
     interrupted: bool = False
     # The context (--ctx-size), the model's native one, and the RoPE this prompt ran with:
     # rope_scaling "none" is the model's own; "linear" or "yarn" stretch positions by rope_scale
-    # (YaRN from yarn_orig_ctx).
+    # (YaRN from yarn_orig_ctx, with its knobs yarn_attn_factor, yarn_beta_fast, yarn_beta_slow).
     n_ctx: int | None = None
     n_ctx_train: int | None = None
     rope_scaling: str = "none"
     rope_scale: float | None = None
     yarn_orig_ctx: int | None = None
+    yarn_attn_factor: float | None = None
+    yarn_beta_fast: float | None = None
+    yarn_beta_slow: float | None = None
 
     def set_context(self, n_ctx: int, n_ctx_train: int, scaling) -> None:
         """Record the context sizes and the ``context.RopeScaling`` in use (None: unscaled)."""

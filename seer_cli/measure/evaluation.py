@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from seer_gates import MaskPolicy, block_count
 
 from ..engine.attention import SparsePrefill
-from ..engine.context import ContextSettings, ModelContext
+from ..engine.context import ContextSettings, ModelContext, RopeScaling
 from ..engine.generation import SamplingOptions, generate
 from .passkey import ANSWER_TOKENS, PasskeyPrompt, passkey_answer, passkey_prompts
 from .selection import POST_ROPE_SCORES, RecallProbe, ScoredPrefill, attached, topk_sparsity
@@ -202,6 +202,8 @@ class EvalReport:
     windows: int
     data_files: list[str]
     rope: str = "native"  # the RoPE of whole windows: native, or the context extension's
+    # The same RoPE in fields named after llama.cpp's flags (context.scaling_fields).
+    scaling: dict = field(default_factory=dict)
     tail_tokens: int | None = None  # perplexity over each window's last tokens (None: all)
     context: list[ContextRow] = field(default_factory=list)
     perplexity: list[PerplexityRow] = field(default_factory=list)
@@ -251,9 +253,9 @@ class Evaluation:
         """Passkey prompt length: a window, less room for the answer if the context needs it."""
         return min(self.seq_len, self.context.size - ANSWER_TOKENS)
 
-    def rope(self) -> str:
-        """The RoPE whole windows run with: ``native`` or the extension's scaling."""
-        return str(self.context.scaling_for(self.seq_len) or "native")
+    def scaling(self) -> RopeScaling | None:
+        """The RoPE scaling whole windows run with (None: the model's own)."""
+        return self.context.scaling_for(self.seq_len)
 
     def context_baseline(self, progress: Progress = _no_progress) -> list["ContextRow"]:
         """Dense tail perplexity of the windows with only their last native-context tokens
