@@ -42,11 +42,13 @@ SHAPES = {"llama-3.1-8b": (32, 8, 128, 128), "smollm2-135m": (9, 3, 64, 128)}
 POLICIES = {"top-k 0.9": MaskPolicy(sparsity=0.9), "threshold 1": MaskPolicy(threshold=1.0)}
 # Launch settings tried by --sweep: (module attribute, value).
 SWEEP = [
-    (gate_features, "FEATURE_WARPS", 4),
+    (gate_features, "FEATURE_WARPS", 8),
     (gate_features, "FEATURE_STAGES", 3),
-    (gate_select, "SELECT_WARPS", 4),
+    (gate_select, "SELECT_WARPS", 2),
+    (gate_select, "SELECT_WARPS", 8),
     (gate_select, "SELECT_STAGES", 3),
-    (gate_select, "KEY_COLUMNS", 64),
+    (gate_select, "KEY_COLUMNS", 32),
+    (gate_select, "KEY_COLUMNS", 128),
     (gate_select, "SELECT_ELEMENTS", 2048),
     (gate_select, "SELECT_ELEMENTS", 8192),
     (gate_select, "_program_slots", 1),

@@ -17,8 +17,8 @@ import triton.language as tl
 from ._common import BLOCK, interpreting, num_blocks
 
 FEATURE_ROWS = 16  # blocks pooled per program, and query rows scored per work item (tl.dot's M)
-# Compiled for sm_90 with these, the kernel does not spill registers (ptxas, Triton 3.9).
-FEATURE_WARPS, FEATURE_STAGES = 8, 2
+# Measured on the H100 (bench_gates.py --sweep, BENCHMARKS.md): 4 warps beat 8.
+FEATURE_WARPS, FEATURE_STAGES = 4, 2
 # float32 products on tensor cores at float32 accuracy (three tf32 passes).
 DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
 

@@ -16,12 +16,11 @@ import triton.language as tl
 
 from .gate_features import DOT_PRECISION, FEATURE_ROWS, _check_device, _on_device
 
-# Key blocks per logits tile and logits held in registers while selecting; compiled for sm_90
-# with these, the kernel spills at most 8 bytes (ptxas, Triton 3.9). bench_gates.py --sweep
-# times other settings.
-KEY_COLUMNS = 32
+# Key blocks per logits tile and logits held in registers while selecting; the fastest of
+# bench_gates.py --sweep on the H100 (BENCHMARKS.md), which times other settings.
+KEY_COLUMNS = 64
 SELECT_ELEMENTS = 4096
-SELECT_WARPS, SELECT_STAGES = 8, 2
+SELECT_WARPS, SELECT_STAGES = 4, 2
 
 
 @triton.jit
