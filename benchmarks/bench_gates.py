@@ -49,8 +49,8 @@ SWEEP = [
     (gate_select, "SELECT_STAGES", 3),
     (gate_select, "KEY_COLUMNS", 32),
     (gate_select, "KEY_COLUMNS", 128),
-    (gate_select, "SELECT_ELEMENTS", 2048),
-    (gate_select, "SELECT_ELEMENTS", 8192),
+    (gate_select, "SELECT_ELEMENTS", 1024),
+    (gate_select, "SELECT_ELEMENTS", 4096),
     (gate_select, "_program_slots", 1),
     (gate_select, "_program_slots", 4),
 ]

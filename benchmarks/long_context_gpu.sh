@@ -8,14 +8,14 @@
 # it (or MODEL=/path/to/model, passed as --model) and the novels in BOOKS (default
 # ../shared/data/books, else shared/data/books). Everything goes to OUT (default ./out): the new
 # gate file, each step's JSON output and stderr log; a short table is printed last.
-# Expected on an H100 (estimates): scaling about 1.5 minutes, yarn about 2.5 (7 settings of
-# about 20 s), distill about 3, eval32k about 3, eval8k under 1, local under 2 (measured 1.5),
+# Expected on an H100: scaling about 1.5 minutes, yarn 2 (7 settings of 17 s), yarn-pairs under
+# 2, distill about 3, eval32k about 3, eval8k under 1, local under 2 (measured 1.5),
 # local-gates about 5, local-gates-8k under 1; each stage alone fits a 10-minute call.
 #
 #   bash benchmarks/long_context_gpu.sh            # all stages
-#   bash benchmarks/long_context_gpu.sh distill    # one stage: scaling, yarn, distill, eval32k,
-#                                                  # eval8k, local, local-gates, local-gates-8k,
-#                                                  # table
+#   bash benchmarks/long_context_gpu.sh distill    # one stage: scaling, yarn, yarn-pairs,
+#                                                  # distill, eval32k, eval8k, local, local-gates,
+#                                                  # local-gates-8k, table
 #
 # LONG, NATIVE, STEPS and DISTILL_WINDOWS (default: all) shrink the run for a smoke test on the
 # CPU with a tiny model, e.g. MODEL=tiny-llama LONG=2048 NATIVE=1024 STEPS=2 DISTILL_WINDOWS=4.
@@ -68,13 +68,28 @@ scaling() {
 yarn() {
   # Stage `yarn`: YaRN ×4 from 8192 at 32k (stage scaling's scaling-yarn-x4) with one of YaRN's
   # knobs off its default at a time, the context task alone, to choose them by measurement.
-  local settings=("af0.9 --yarn-attn-factor 0.9" "af1.1 --yarn-attn-factor 1.1"
-                  "af1.2 --yarn-attn-factor 1.2" "bf16 --yarn-beta-fast 16"
-                  "bf64 --yarn-beta-fast 64" "bs2 --yarn-beta-slow 2" "bs0.5 --yarn-beta-slow 0.5")
-  for setting in "${settings[@]}"; do
-    read -r name flag value <<< "$setting"
+  yarn_steps "af0.9 --yarn-attn-factor 0.9" "af1.1 --yarn-attn-factor 1.1" \
+    "af1.2 --yarn-attn-factor 1.2" "bf16 --yarn-beta-fast 16" "bf64 --yarn-beta-fast 64" \
+    "bs2 --yarn-beta-slow 2" "bs0.5 --yarn-beta-slow 0.5"
+}
+
+yarn_pairs() {
+  # Stage `yarn-pairs`: the two knobs that helped alone (beta-fast up, beta-slow up), further
+  # and together.
+  yarn_steps "bf64-bs2 --yarn-beta-fast 64 --yarn-beta-slow 2" "bf128 --yarn-beta-fast 128" \
+    "bf128-bs2 --yarn-beta-fast 128 --yarn-beta-slow 2" \
+    "bf64-bs4 --yarn-beta-fast 64 --yarn-beta-slow 4" \
+    "bf256-bs4 --yarn-beta-fast 256 --yarn-beta-slow 4"
+}
+
+# yarn_steps "NAME FLAGS..."...: one context-task step per setting, named yarn-NAME.
+yarn_steps() {
+  for setting in "$@"; do
+    local name rest flags
+    read -r name rest <<< "$setting"
+    read -r -a flags <<< "$rest"
     step "yarn-$name" eval "${MODEL_ARGS[@]}" --gates "$SHIPPED_GATES" \
-      --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${EXTENSION[@]}" "$flag" "$value" \
+      --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${EXTENSION[@]}" "${flags[@]}" \
       --max-windows 3 --tasks context --json
   done
 }
@@ -198,12 +213,13 @@ EOF
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(scaling yarn distill eval32k eval8k local local-gates local-gates-8k
-                                   table)
+[ ${#stages[@]} -gt 0 ] || stages=(scaling yarn yarn-pairs distill eval32k eval8k local local-gates
+                                   local-gates-8k table)
 for stage in "${stages[@]}"; do
   # `local` is a shell builtin, so its stage's function has another name.
   [ "$stage" = local ] && stage=local_windows
   [ "$stage" = local-gates ] && stage=local_gates
   [ "$stage" = local-gates-8k ] && stage=local_gates_8k
+  [ "$stage" = yarn-pairs ] && stage=yarn_pairs
   "$stage"
 done

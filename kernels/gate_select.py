@@ -19,7 +19,7 @@ from .gate_features import DOT_PRECISION, FEATURE_ROWS, _check_device, _on_devic
 # Key blocks per logits tile and logits held in registers while selecting; the fastest of
 # bench_gates.py --sweep on the H100 (BENCHMARKS.md), which times other settings.
 KEY_COLUMNS = 64
-SELECT_ELEMENTS = 4096
+SELECT_ELEMENTS = 2048
 SELECT_WARPS, SELECT_STAGES = 4, 2
 
 

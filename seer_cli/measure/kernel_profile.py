@@ -17,7 +17,6 @@ from seer_gates import (
     gate_block_lists,
     select_blocks,
 )
-from seer_gates.pooled_keys import PooledKeys
 from seer_kernels import (
     block_sparse_attention_cpu,
     block_sparse_attention_from_lists,
@@ -159,9 +158,9 @@ def _dense_stats(inputs, backends: dict, repeats: int, device, notes: list[str])
 def _sparse_stats(gate, inputs, policy: MaskPolicy, repeats: int, device) -> dict:
     """Times (``Stat``) of the sparse path's pieces and whole, and the achieved sparsity.
 
-    The path is ``SparsePrefill.attend``'s: on a GPU the keys are pooled (``PooledKeys``, as
-    kept for chunked prefill) and the fused gate kernels write the kernel's per-row block lists
-    (``gates``), and the Triton kernel runs on them (``attention``); on the CPU the gate's scores
+    The path is ``SparsePrefill.attend``'s for a prompt in one pass: on a GPU the fused gate
+    kernels pool the raw keys and write the kernel's per-row block lists (``gates``), and the
+    Triton kernel runs on them (``attention``); on the CPU the gate's scores
     go through the PyTorch selection to the same lists, and the CPU kernel takes them (or, with
     ``SEER_ATTENTION_KERNEL=reference``, to a mask that the reference takes).
     """
@@ -171,9 +170,8 @@ def _sparse_stats(gate, inputs, policy: MaskPolicy, repeats: int, device) -> dic
         return gate(inputs.gate_q, inputs.gate_k, inputs.cos, inputs.sin)
 
     def fused_lists():
-        pooled = PooledKeys().extend(inputs.gate_k)
-        return gate_block_lists(gate, inputs.gate_q, pooled, inputs.cos, inputs.sin, policy,
-                                key_tokens=inputs.gate_k.shape[1])  # fmt: skip
+        return gate_block_lists(gate, inputs.gate_q, inputs.gate_k, inputs.cos, inputs.sin,
+                                policy)  # fmt: skip
 
     kernel = attention_kernel(device)
     if kernel in ("triton", "cpu"):
