@@ -73,7 +73,8 @@ def test_default_model_reads_32k_with_yarn_others_their_native_context():
     config = tiny_model("llama").config
     plan = plan_context(config, DEFAULT_MODEL, ContextSettings())
     assert (plan.native, plan.size) == (CONTEXT, 32768)
-    assert plan.scaling == RopeScaling("yarn", 32768 / CONTEXT, CONTEXT)
+    # YaRN's betas as measured best for the default model (MEASURED_YARN_BETAS).
+    assert plan.scaling == RopeScaling("yarn", 32768 / CONTEXT, CONTEXT, beta_fast=128, beta_slow=2)
     other = plan_context(config, "tiny", ContextSettings())
     assert (other.size, other.scaling) == (CONTEXT, None)
     native_only = plan_context(config, DEFAULT_MODEL, ContextSettings(rope_scaling="none"))
@@ -104,6 +105,17 @@ def test_yarn_knobs_not_given_keep_their_defaults_and_show_when_given():
     assert scaling == RopeScaling("yarn", 4.0, CONTEXT, attn_factor=1.1, beta_slow=2)
     assert scaling.beta_fast == 32
     assert str(scaling) == f"YaRN ×4 from {CONTEXT}, attn factor 1.1, beta slow 2"
+
+
+def test_measured_yarn_betas_give_way_to_either_beta_given():
+    config = tiny_model("llama").config
+
+    def betas(**knobs):
+        scaling = plan_context(config, DEFAULT_MODEL, ContextSettings(**knobs)).scaling
+        return scaling.beta_fast, scaling.beta_slow
+
+    assert betas(yarn_beta_fast=64) == (64, 1)
+    assert betas(yarn_beta_slow=4) == (32, 4)
 
 
 NONSENSE = [
