@@ -138,10 +138,15 @@ def sweep_rows(length: int, default_ms: float) -> list[str]:
         print(rows[-1], flush=True)
     # Where the features launch spends its time: key pooling is what pooled keys skip.
     pooled = pool_keys(k)
-    for label, keys, pooled_input in (("features launch", k, False),
-                                      ("features launch, keys pooled already", pooled, True)):
-        ms = median_ms(lambda keys=keys, pooled_input=pooled_input: gate_block_features(
-            q, keys, gate.mask_linear_k.weight, cos, sin, keys_pooled=pooled_input))
+    for label, keys, pooled_input in (
+        ("features launch", k, False),
+        ("features launch, keys pooled already", pooled, True),
+    ):
+        ms = median_ms(
+            lambda keys=keys, pooled_input=pooled_input: gate_block_features(
+                q, keys, gate.mask_linear_k.weight, cos, sin, keys_pooled=pooled_input
+            )
+        )
         rows.append(f"| llama-3.1-8b | {length} | {label} | {ms:.3f} | |")
         print(rows[-1], flush=True)
     return rows

@@ -113,15 +113,20 @@ eval32k() {
     --sparsities 0.9,0.95,0.97 --thresholds "$THRESHOLDS" --tasks perplexity --json
 }
 
+# native_eval NAME GATES ARGS...: perplexity at the native context (unscaled RoPE), sparsities
+# 0.5, 0.8 and 0.9, with ARGS added (thresholds, local windows).
+native_eval() {
+  local name=$1 gates=$2
+  shift 2
+  step "$name" eval "${MODEL_ARGS[@]}" --gates "$gates" \
+    --data "$BOOKS/pg2641.txt" --seq-len "$NATIVE" "${EXTENSION[@]}" --max-windows 3 \
+    --sparsities 0.5,0.8,0.9 --tasks perplexity --json "$@"
+}
+
 eval8k() {
-  # Native context (unscaled RoPE): the new gates against the shipped ones.
-  for which in new shipped; do
-    local gates=$NEW_GATES
-    [ "$which" = shipped ] && gates=$SHIPPED_GATES
-    step "eval8k-$which" eval "${MODEL_ARGS[@]}" --gates "$gates" \
-      --data "$BOOKS/pg2641.txt" --seq-len "$NATIVE" "${EXTENSION[@]}" --max-windows 3 \
-      --sparsities 0.5,0.8,0.9 --thresholds "$THRESHOLDS" --tasks perplexity --json
-  done
+  # Native context: the new gates against the shipped ones.
+  native_eval eval8k-new "$NEW_GATES" --thresholds "$THRESHOLDS"
+  native_eval eval8k-shipped "$SHIPPED_GATES" --thresholds "$THRESHOLDS"
 }
 
 local_windows() {
@@ -148,13 +153,8 @@ local_gates() {
 local_gates_8k() {
   # Stage `local-gates-8k`: the native context (unscaled RoPE) with the local-window gates of
   # stage `local-gates` and with the shipped gates, each with and without the window.
-  for which in local8 shipped; do
-    local gates=$LOCAL_GATES
-    [ "$which" = shipped ] && gates=$SHIPPED_GATES
-    step "local8k-$which" eval "${MODEL_ARGS[@]}" --gates "$gates" \
-      --data "$BOOKS/pg2641.txt" --seq-len "$NATIVE" "${EXTENSION[@]}" --max-windows 3 \
-      --sparsities 0.5,0.8,0.9 --thresholds '' --local-blocks 0,8 --tasks perplexity --json
-  done
+  native_eval local8k-local8 "$LOCAL_GATES" --thresholds '' --local-blocks 0,8
+  native_eval local8k-shipped "$SHIPPED_GATES" --thresholds '' --local-blocks 0,8
 }
 
 table() {

@@ -104,7 +104,7 @@ def main() -> None:
     source = resolve_model(None)
     model, tokenizer = load_model(source, torch.device("cpu"), torch.float32)
     gate_path = resolve_gate_path(args.gates, model, source.name)
-    gates = load_model_gates(gate_path, model, source.name, "cpu")
+    _, gates = load_model_gates(gate_path, model, source.name, "cpu")
     context = ModelContext(model, source.name, ContextSettings())
     lengths = sorted(int(n) for n in args.lengths.split(","))
     text = read_document(args.file).text

@@ -178,7 +178,7 @@ YarnBetaFast = Annotated[
         "--yarn-beta-fast",
         envvar="SEER_YARN_BETA_FAST",
         help="YaRN keeps the frequencies that turn more than this many times over the original "
-        "context (default 32).",
+        "context (default 32; the default model, when neither beta is given, 128).",
     ),
 ]
 YarnBetaSlow = Annotated[
@@ -187,7 +187,8 @@ YarnBetaSlow = Annotated[
         "--yarn-beta-slow",
         envvar="SEER_YARN_BETA_SLOW",
         help="YaRN interpolates the frequencies that turn fewer than this many times over the "
-        "original context (default 1); a ramp lies between the two.",
+        "original context (default 1; the default model, when neither beta is given, 2); a ramp "
+        "lies between the two.",
     ),
 ]
 Quiet = Annotated[

@@ -165,7 +165,7 @@ def evaluate(
     gate_path = resolve_gate_path(gates, loaded, source.name)
     context = ModelContext(loaded, source.name, context_settings)
     chosen, tail = _long_context(chosen, tasks is None, tail, seq_len, context, source.name)
-    trained_gates = load_model_gates(gate_path, loaded, source.name, torch_device)
+    _, trained_gates = load_model_gates(gate_path, loaded, source.name, torch_device)
     windows, summary = token_windows(tokenizer, data, seq_len, max_windows, seed, min_windows=1)
     evaluation = Evaluation(loaded, tokenizer, trained_gates, windows, context, tail)
     scaling = evaluation.scaling()

@@ -202,14 +202,13 @@ class SparsePrefill:
         if self.gates is None:
             return pooled_block_lists(q, k, self.policy, total_blocks)
         cos, sin = self._block_rope(total_blocks, q.shape[0], q.device)
-        if pooled_keys is None:  # one pass: raw keys, pooled in the kernel
-            return gate_block_lists(
-                self.gates[layer_idx], captured["q"], captured["k"], cos, sin, self.policy,
-                total_blocks,
-            )  # fmt: skip
+        # One pass: raw keys, pooled in the kernel; else the keys pooled so far.
+        keys, key_tokens = (
+            (captured["k"], None) if pooled_keys is None else (pooled_keys, k.shape[2])
+        )
         return gate_block_lists(
-            self.gates[layer_idx], captured["q"], pooled_keys, cos, sin, self.policy,
-            total_blocks, key_tokens=k.shape[2],
+            self.gates[layer_idx], captured["q"], keys, cos, sin, self.policy, total_blocks,
+            key_tokens=key_tokens,
         )  # fmt: skip
 
     def _scores(self, layer_idx: int, q, k, captured, pooled_keys, total_blocks: int):

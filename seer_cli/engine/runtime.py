@@ -134,7 +134,7 @@ class Engine:
 
             gates = None
             if gate_path:
-                config, gates = load_checked_gates(gate_path, model, source.name, device)
+                config, gates = load_model_gates(gate_path, model, source.name, device)
                 if options.local_blocks is None:  # the window the gates are meant to run with
                     policy = replace(policy, local_blocks=config.local_blocks)
             min_tokens = options.sparse_min_tokens
@@ -240,11 +240,6 @@ def resolve_gate_path(gates: str, model, model_name: str) -> str | None:
 
 
 def load_model_gates(path: str, model, model_name: str, device):
-    """The gates of ``path`` for ``model``, on ``device``."""
-    return load_checked_gates(path, model, model_name, device)[1]
-
-
-def load_checked_gates(path: str, model, model_name: str, device):
     """``(config, gates)`` of ``path``, checked against ``model``; gates on ``device``."""
     from seer_gates import GateFileError, GateMismatchError, check_fits, load_gates
 
