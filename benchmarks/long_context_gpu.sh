@@ -131,10 +131,10 @@ eval8k() {
 
 local_windows() {
   # Stage `local`: the shipped gates and the pooled estimator with forced local windows of 0, 2,
-  # 4 and 8 blocks against sink + local at 32k (perplexity only; needs no distill stage).
+  # 4, 8 and 16 blocks against sink + local at 32k (perplexity only; needs no distill stage).
   step local eval "${MODEL_ARGS[@]}" --gates "$SHIPPED_GATES" \
     --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${EXTENSION[@]}" --max-windows 3 \
-    --sparsities 0.9,0.95,0.97 --thresholds '' --local-blocks 0,2,4,8 --tasks perplexity --json
+    --sparsities 0.9,0.95,0.97 --thresholds '' --local-blocks 0,2,4,8,16 --tasks perplexity --json
 }
 
 local_gates() {

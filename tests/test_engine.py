@@ -173,6 +173,26 @@ def test_decode_steps_stay_dense(attached):
     }
 
 
+def test_decode_steps_never_run_cudnn_attention(attached, monkeypatch):
+    """cuDNN builds a graph per key length: a decode step, one key longer each time, would pay
+    one per layer and token. The backend flags seen by each decode-step SDPA call rule it out
+    (the prefill's calls keep every backend)."""
+    model = tiny_model("llama")
+    attached(model, MaskPolicy(sparsity=0.5), tiny_gates(model))
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append((q.shape[2], torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    greedy_text(model, random_ids(200), max_tokens=4)
+    decode_flags = {cudnn for q_len, cudnn in seen if q_len == 1}
+    assert decode_flags == {False}
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after each step
+
+
 def test_attend_is_block_sparse_attention_on_the_selected_blocks(attached):
     model = tiny_model("llama")
     policy = MaskPolicy(sparsity=0.5)
@@ -322,6 +342,26 @@ def test_truncate_cuts_the_named_part_of_the_document(mode, kept, cut):
     assert all(marker in text for marker in kept)
     assert not any(marker in text for marker in cut)
     assert text.endswith(INSTRUCTION + "\n<assistant>")
+
+
+def test_truncating_tokenizes_a_long_document_once(monkeypatch):
+    """A book is the slow part to tokenize: cutting it to fit reads it once, then renders only
+    the kept part."""
+    tokenizer = char_tokenizer()
+    whole_document_calls = []
+    encode = type(tokenizer).__call__
+
+    def spy(self, text, *args, **kwargs):
+        whole_document_calls.append(isinstance(text, str) and len(text) >= len(DOCUMENT))
+        return encode(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
+    prompt = build_prompt(
+        tokenizer, document=DOCUMENT, instruction=INSTRUCTION, system=None,
+        max_prompt_tokens=400, truncate="end",
+    )  # fmt: skip
+    assert len(prompt.ids) == 400
+    assert sum(whole_document_calls) == 1
 
 
 def test_too_long_prompt_without_truncate_is_refused():

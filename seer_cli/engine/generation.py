@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
     DynamicCache,
     LogitsProcessorList,
@@ -31,6 +32,10 @@ DEFAULT_UBATCH_SIZE = 16384
 # Sparse prompts up to this long run in one pass: chunks save little memory there and cost
 # time (H100, SmolLM2 shapes, 32768 tokens, sparsity 0.9: 85 ms in one pass, 118 ms in chunks).
 ONE_PASS_MAX_TOKENS = 32768
+# Attention backends of a decode step. Not cuDNN: it builds an execution graph per key length,
+# so every step, one key longer than the last, paid a new graph (2.4 ms of host time per layer
+# on an H100, ~90 ms per token for the default model; BENCHMARKS.md).
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def default_ubatch_size(prompt_tokens: int, sparse: bool) -> int:
@@ -194,7 +199,8 @@ def prefill(
 @torch.inference_mode()
 def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
     """One decode step: token [b, 1] → logits [b, vocab]."""
-    return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+    with sdpa_kernel(DECODE_ATTENTION):
+        return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
 
 
 class _Sampler:

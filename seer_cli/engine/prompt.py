@@ -86,21 +86,22 @@ def build_prompt(
     If the prompt exceeds ``max_prompt_tokens``, ``truncate`` says which part of the document to
     cut (start, middle or end); without it the prompt is refused.
     """
-    ids = _render(tokenizer, document, instruction, system)
-    if len(ids) <= max_prompt_tokens:
-        return PromptTokens(ids)
     if truncate is None or not document:
+        ids = _render(tokenizer, document, instruction, system)
+        if len(ids) <= max_prompt_tokens:
+            return PromptTokens(ids)
         raise SeerError(
             f"the prompt is {len(ids)} tokens but at most {max_prompt_tokens} fit "
             "(the context, --ctx-size, minus --max-tokens); "
             "pass --truncate start|middle|end to cut the document."
         )
+    # A book is tokenized once (its whole text is the slow part); only the kept part is
+    # rendered through the template.
     doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-    overhead = len(ids) - len(doc_ids)
-    keep = max_prompt_tokens - overhead
+    keep = min(len(doc_ids), max_prompt_tokens - _template_tokens(tokenizer, instruction, system))
     # Re-tokenizing cut text can differ by a few tokens at the seams: shrink until it fits.
     while keep > 0:
-        text = tokenizer.decode(_cut(doc_ids, keep, truncate))
+        text = document if keep == len(doc_ids) else tokenizer.decode(_cut(doc_ids, keep, truncate))
         ids = _render(tokenizer, text, instruction, system)
         if len(ids) <= max_prompt_tokens:
             return PromptTokens(ids, cut_tokens=len(doc_ids) - keep)
@@ -108,3 +109,10 @@ def build_prompt(
     raise SeerError(
         f"the instruction and chat template alone take more than {max_prompt_tokens} tokens."
     )
+
+
+def _template_tokens(tokenizer, instruction: str | None, system: str | None) -> int:
+    """Prompt tokens besides the document's: template, system prompt, instruction."""
+    probe = "."
+    probe_tokens = len(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    return len(_render(tokenizer, probe, instruction, system)) - probe_tokens
