@@ -12,7 +12,6 @@ hears about it.
 import json
 import os
 import re
-import threading
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
@@ -32,22 +31,27 @@ def seer_cache_dir() -> Path:
     return Path(base)
 
 
-def start_triton_warmup() -> threading.Thread | None:
-    """Compute, in a background thread, the key Triton hashes from its own compiler and library
-    before the first kernel launch of a process (0.4 s on the H100 machine, BENCHMARKS.md), so
-    that it overlaps loading the model instead of adding to the first prefill. Hashing releases
-    the interpreter lock. Returns the thread; without CUDA, or with a Triton that keeps no such
-    key, it does nothing and returns None.
+def warm_up_triton() -> None:
+    """What Triton does once per process before its first launch, done ahead (in a background
+    thread while the model loads, so that it stays out of the first prefill; BENCHMARKS.md):
+    hash its own compiler and library into the cache key (0.4 s on the H100 machine; hashing
+    releases the interpreter lock), import the Gluon front end its argument specialisation
+    looks for (0.17 s) and load its CUDA helper module. Parts a Triton version lacks are
+    skipped.
     """
     try:
         from triton.runtime.cache import triton_key
     except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    thread = threading.Thread(target=triton_key, name="triton-key", daemon=True)
-    thread.start()
-    return thread
+        return
+    triton_key()
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        from triton.runtime import driver
+
+        driver.active.utils  # noqa: B018 - the property loads the module
 
 
 def set_tuning_notifier(notify: Callable[[str], None] | None) -> None:

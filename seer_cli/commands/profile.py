@@ -154,9 +154,10 @@ def prefill(
     if placement is not None:
         torch_device = pick_device(device, placement)
     if torch_device.type == "cuda":
-        from seer_kernels.tuning import start_triton_warmup
+        from ..engine.gpu_warmup import start_gpu_warmup
+        from ..engine.runtime import pick_dtype
 
-        start_triton_warmup()
+        start_gpu_warmup(torch_device, pick_dtype("auto", torch_device), triton=True)
     if model is not None or (config is None and torch_device.type == "cpu"):
         subject = profiling.loaded_subject(
             model, gates, torch_device, device_map, max_memory, context

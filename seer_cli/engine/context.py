@@ -229,9 +229,7 @@ class ModelContext:
     def scaling_for(self, length: int) -> RopeScaling | None:
         """The scaling a sequence of ``length`` tokens runs under; SeerError if it is too long."""
         if length > self.size:
-            raise SeerError(
-                f"{length} tokens do not fit the context of {self.size} (--ctx-size)."
-            )
+            raise SeerError(f"{length} tokens do not fit the context of {self.size} (--ctx-size).")
         return self.plan.scaling if length > self.native else None
 
     def apply(self, length: int) -> RopeScaling | None:

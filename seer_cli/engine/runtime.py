@@ -118,10 +118,10 @@ class Engine:
         placement = Placement.parse(options.device_map, options.max_memory)
         device = pick_device(options.device, placement)
         dtype = pick_dtype(options.dtype, device)
-        if device.type == "cuda" and policy is not None:
-            from seer_kernels.tuning import start_triton_warmup
+        if device.type == "cuda":
+            from .gpu_warmup import start_gpu_warmup
 
-            start_triton_warmup()
+            start_gpu_warmup(device, dtype, triton=policy is not None)
         source = resolve_model(options.model)
         if policy is not None:
             check_gate_option(options.gates)
