@@ -60,6 +60,9 @@ class PrefillProgress:
             self._progress.stop()
 
 
+_SCORES = {"gates": "gate scores", "pooled": "pooled scores (training-free)"}
+
+
 def print_stats(console: Console, stats: GenerationStats, requested_sparsity: float | None) -> None:
     cached = f" (+{stats.cache_n} from the previous prompt's cache)" if stats.cache_n else ""
     console.print(
@@ -75,7 +78,8 @@ def print_stats(console: Console, stats: GenerationStats, requested_sparsity: fl
         asked = f" (requested {requested_sparsity:.2f})" if requested_sparsity is not None else ""
         console.print(
             f"Sparsity: {stats.sparsity:.3f} of causal blocks skipped{asked}, "
-            f"local window {stats.local_blocks} blocks"
+            f"{_SCORES[stats.scoring]}, local window {stats.local_blocks} blocks",
+            soft_wrap=True,
         )
     per_device = stats.peak_memory_gb_per_device
     split = ", ".join(f"{device} {gb:.2f} GB" for device, gb in per_device.items())

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from seer_cli.app import app
-from seer_cli.engine import attention
+from seer_cli.engine import attention, runtime
 from seer_cli.engine.attention import SparsePrefill
 from seer_cli.engine.context import (
     ContextSettings,
@@ -38,7 +38,7 @@ from seer_cli.engine.context import (
 from seer_cli.engine.errors import SeerError
 from seer_cli.engine.generation import SamplingOptions, generate
 from seer_cli.engine.models import DEFAULT_MODEL
-from seer_cli.engine.runtime import Engine
+from seer_cli.engine.runtime import Engine, EngineOptions
 from seer_cli.measure.evaluation import Evaluation
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -328,6 +328,36 @@ def test_generate_says_which_rope_it_used(tiny_folder):
     assert f"Context: 3072 tokens, RoPE linear ×3 (past the native {CONTEXT})" in (
         ANSI.sub("", result.stderr)
     )
+
+
+def test_default_gates_give_way_to_pooled_scores_past_the_native_context(tiny_folder, monkeypatch):
+    """For a model in POOLED_PAST_NATIVE, the default gates score prompts within the native
+    context; past it the pooled estimator does, without a local window; a --gates or
+    --local-blocks given keeps the gates everywhere."""
+    gate_file = str(tiny_folder / "gates.safetensors")
+    monkeypatch.setattr(runtime, "POOLED_PAST_NATIVE", {"tiny-llama"})
+    monkeypatch.setattr(runtime, "resolve_gate_path", lambda *args: gate_file)
+    long, short = ((tiny_folder / name).read_text() for name in ("long.txt", "short.txt"))
+
+    def scorings(*documents: str, **options) -> list[tuple]:
+        engine = Engine.load(EngineOptions(
+            model=str(tiny_folder / "tiny-llama"), sparsity=0.5, sparse_min_tokens=0,
+            device="cpu", context=ContextSettings(ctx_size=EXTENDED), **options,
+        ))  # fmt: skip
+        found = []
+        for document in documents:
+            prompt = engine.prompt(document=document, instruction="Sum.", max_tokens=4)
+            stats = engine.generate(prompt.ids, SamplingOptions(max_tokens=4)).stats
+            found.append((stats.rope_scaling, stats.scoring, stats.local_blocks))
+        return found
+
+    assert scorings(long, short, long) == [
+        ("yarn", "pooled", 0),
+        ("none", "gates", 0),
+        ("yarn", "pooled", 0),
+    ]
+    assert scorings(long, local_blocks=1) == [("yarn", "gates", 1)]
+    assert scorings(long, gates=gate_file) == [("yarn", "gates", 0)]
 
 
 def test_context_keys_in_the_config_file(tiny_folder, tmp_path, monkeypatch):

@@ -133,6 +133,16 @@ class SparsePrefill:
             self._past_keys = PastKeys(self.model)
         self.model.set_attn_implementation(ATTENTION_NAME)
 
+    def use(self, gates: torch.nn.ModuleList | None, policy: MaskPolicy) -> None:
+        """Score the next prompts with ``gates`` (None: the pooled estimator) under ``policy``.
+        Switching from gates to the estimator keeps the gates' hooks: a later prompt that
+        continues the cache with the gates again finds its pooled keys up to date."""
+        self.gates, self.policy = gates, policy
+
+    @property
+    def scoring(self) -> str:
+        return "pooled" if self.gates is None else "gates"
+
     def detach(self) -> None:
         for hook in self._hooks:
             hook.remove()

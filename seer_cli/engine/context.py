@@ -214,7 +214,8 @@ class ModelContext:
     def __init__(self, model, model_name: str, settings: ContextSettings):
         self.model = model
         self.name = model_name
-        self.plan = plan_context(model.config, _known_name(model, model_name), settings)
+        self.known_name = _known_name(model, model_name)
+        self.plan = plan_context(model.config, self.known_name, settings)
         self._native = _float32_rotary(model)
         self._scaled = None
 
