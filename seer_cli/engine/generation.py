@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
-    DynamicCache,
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TextStreamer,
@@ -22,6 +21,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from .kv_cache import new_cache
 from .placement import input_device, model_gpus
 
 ATTENTION_BLOCK = 64  # tokens per attention block: chunk boundaries fall on block edges
@@ -175,7 +175,7 @@ def prefill(
     for a new one. ``on_layer(done, total)`` is called as each decoder layer starts, for
     progress display (total: layers × chunks).
     """
-    cache = DynamicCache(config=model.config) if cache is None else cache
+    cache = new_cache(model) if cache is None else cache
     past, length = cache.get_seq_length(), input_ids.shape[1]
     bounds = chunk_bounds(past, length, ubatch_size)
     layers = model.model.layers
