@@ -13,13 +13,13 @@ from .prompt import PromptTokens, build_prompt
 from .prompt_cache import PromptCache
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
 # Models whose shipped gates, trained at the native context without scaling, lose to the
 # training-free pooled estimator on prompts past it: there, unless --gates or --local-blocks is
 # given, top-k prefill scores with the estimator and no local window. SmolLM2 at 32768 tokens
 # under YaRN ×4, three windows of each of three novels, top-k 0.9: +0.1 / -0.4 / -0.1 %
 # perplexity over dense, against +2.3 / +2.0 / +4.1 % with the gates and their window (EVAL.md).
 POOLED_PAST_NATIVE = {"SmolLM2-135M-Instruct"}
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
