@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import needs_kernel_device
+from conftest import KERNEL_DEVICE, needs_kernel_device
 from seer_gates import MaskPolicy, pool_keys, save_gates
 from tiny_models import (
     FAMILIES,
@@ -141,13 +141,15 @@ def test_sparse_in_chunks_equals_one_pass(length, gates, attached):
 @needs_kernel_device
 @pytest.mark.parametrize("policy", [MaskPolicy(sparsity=0.6), everything_kept()], ids=str)
 def test_triton_kernel_in_chunks_matches_the_reference_path(policy, attached, monkeypatch):
-    model = tiny_model("qwen2")
-    ids = random_ids(LENGTHS[1])
+    # float16: a dtype the kernels take on a GPU and under the interpreter alike.
+    model = tiny_model("qwen2").to(KERNEL_DEVICE, torch.float16)
+    ids = random_ids(LENGTHS[1]).to(KERNEL_DEVICE)
     attached(model, policy, tiny_gates(model))
     monkeypatch.setenv("SEER_ATTENTION_KERNEL", "reference")
     reference = last_logits(model, ids, ubatch_size=128)
     monkeypatch.setenv("SEER_ATTENTION_KERNEL", "triton")
-    torch.testing.assert_close(last_logits(model, ids, ubatch_size=128), reference)
+    triton_logits = last_logits(model, ids, ubatch_size=128)
+    torch.testing.assert_close(triton_logits, reference, rtol=1e-2, atol=1e-2)
 
 
 def test_sparse_continuation_after_decode_steps_with_every_block_kept(attached):

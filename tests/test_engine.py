@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOOK, long_book, needs_kernel_device
+from conftest import BOOK, KERNEL_DEVICE, long_book, needs_kernel_device
 from seer_gates import (
     MaskPolicy,
     block_count,
@@ -214,8 +214,9 @@ def test_attend_is_block_sparse_attention_on_the_selected_blocks(attached):
 
 @needs_kernel_device
 def test_triton_kernel_path_matches_the_reference_path(attached, monkeypatch):
-    model = tiny_model("llama")
-    ids = random_ids(400)
+    # float16: a dtype the kernels take on a GPU and under the interpreter alike.
+    model = tiny_model("llama").to(KERNEL_DEVICE, torch.float16)
+    ids = random_ids(400).to(KERNEL_DEVICE)
     attached(model, MaskPolicy(sparsity=0.5), tiny_gates(model))
     monkeypatch.setenv("SEER_ATTENTION_KERNEL", "reference")
     reference = logits_of(model, ids)
@@ -230,7 +231,7 @@ def test_triton_kernel_path_matches_the_reference_path(attached, monkeypatch):
     monkeypatch.setenv("SEER_ATTENTION_KERNEL", "triton")
     triton_logits = logits_of(model, ids)
     assert len(launches) == NUM_LAYERS
-    torch.testing.assert_close(triton_logits, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(triton_logits, reference, rtol=1e-2, atol=1e-2)
 
 
 @pytest.fixture
