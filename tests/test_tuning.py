@@ -90,3 +90,16 @@ def test_triton_warmup_computes_tritons_key():
     triton_key.cache_clear()
     tuning.warm_up_triton()
     assert triton_key.cache_info().currsize == 1
+
+
+def test_gpu_warmup_fails_silently(monkeypatch):
+    """A failure in the warm-up thread (no GPU here) prints nothing: the prefill meets the same
+    problem and reports it in one sentence."""
+    import threading
+
+    from seer_cli.engine.gpu_warmup import start_gpu_warmup
+
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    start_gpu_warmup(torch.device("cuda"), torch.bfloat16, triton=False).join(timeout=60)
+    assert failures == []

@@ -25,12 +25,17 @@ def start_gpu_warmup(device: torch.device, dtype: torch.dtype, triton: bool) -> 
 
 
 def _warm_up(device: torch.device, dtype: torch.dtype, triton: bool) -> None:
-    if triton:
-        from seer_kernels.tuning import warm_up_triton
+    """Best effort and silent: whatever fails here fails again where the prefill needs it, and
+    is reported there in one sentence (a thread's exception would print a traceback)."""
+    try:
+        if triton:
+            from seer_kernels.tuning import warm_up_triton
 
-        warm_up_triton()
-    with torch.inference_mode():
-        for matmul_dtype in dict.fromkeys((torch.float32, dtype)):
-            x = torch.ones(_WARM_UP_SIDE, _WARM_UP_SIDE, device=device, dtype=matmul_dtype)
-            x @ x  # noqa: B018 - run for its side effect, the library's initialisation
-        torch.cuda.synchronize(device)
+            warm_up_triton()
+        with torch.inference_mode():
+            for matmul_dtype in dict.fromkeys((torch.float32, dtype)):
+                x = torch.ones(_WARM_UP_SIDE, _WARM_UP_SIDE, device=device, dtype=matmul_dtype)
+                x @ x  # noqa: B018 - run for its side effect, the library's initialisation
+            torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
