@@ -1,5 +1,6 @@
 """What the Triton kernels share: input checks, launch conditions and the online-softmax step."""
 
+import contextlib
 import math
 import os
 
@@ -15,6 +16,12 @@ LOG2_E = 1.4426950408889634
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def on_device(device: torch.device):
+    """The context a launch on ``device`` runs in: its CUDA device (Triton launches on the
+    current one), nothing on the CPU (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def num_blocks(seq_len: int) -> int:

@@ -8,13 +8,11 @@ pooled estimator (mean-pooled post-RoPE queries and keys, no linear, no RoPE) ta
 kernel. Nothing here reads a value back to the host.
 """
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, interpreting, num_blocks
+from ._common import BLOCK, interpreting, num_blocks, on_device
 
 FEATURE_ROWS = 16  # blocks pooled per program, and query rows scored per work item (tl.dot's M)
 # Measured on the H100 (bench_gates.py --sweep, BENCHMARKS.md): 4 warps beat 8.
@@ -256,10 +254,6 @@ def _key_features(pooled, WK, KF, batch, kv_head, k_out_per_kv, blocks, valid, c
                     stride_kfn, cos, sin, blocks, stride_ts, H2)  # fmt: skip
 
 
-def _on_device(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _check_power_of_two(name: str, value: int) -> None:
     if value < 16 or value & (value - 1):
         raise ValueError(f"the fused gate kernels need a power-of-two {name} of 16 or more, "
@@ -292,7 +286,7 @@ def _launch_features(q, k, weight_q, weight_k, cos, sin, hidden, query_start, k_
     w_strides = lambda w: (w.stride(0), w.stride(1)) if w is not q else (0, 0)  # noqa: E731
     t_strides = (cos.stride(0), cos.stride(1)) if gate else (0, 0)
     grid = (triton.cdiv(max(q_blocks, k_blocks), FEATURE_ROWS), b * (hq + hkv))
-    with _on_device(q.device):
+    with on_device(q.device):
         _block_features[grid](
             q, k, wq, wk, cos, sin, qf, kf,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gate_features import DOT_PRECISION, FEATURE_ROWS, _check_device, _on_device
+from ._common import on_device
+from .gate_features import DOT_PRECISION, FEATURE_ROWS, _check_device
 
 # Key blocks per logits tile and logits held in registers while selecting; the fastest of
 # bench_gates.py --sweep on the H100 (BENCHMARKS.md), which times other settings.
@@ -252,7 +253,7 @@ def block_lists_from_features(
     scratch = torch.empty(programs * FEATURE_ROWS * key_slots, dtype=torch.float32,
                           device=qf.device)  # fmt: skip
     top_k = budgets is not None
-    with _on_device(qf.device):
+    with on_device(qf.device):
         _select_lists[(programs,)](
             qf, kf, budgets if top_k else counts, scratch, indices, counts,
             qf.stride(0), qf.stride(1), qf.stride(2), kf.stride(0), kf.stride(1), kf.stride(2),

@@ -160,3 +160,16 @@ def pooled_attention_reference(
     out = out.view(b, hq, nb * BLOCK, d)[:, :, :s]
     peak = peak.view(b, hq, nb, nb)
     return out, (peak / peak.sum(-1, keepdim=True)).to(torch.float32)
+
+
+def rotary_embedding_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """:func:`rotary_embedding` as transformers computes it: x [b, H, s, d], cos/sin [b, s, d]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def silu_gate_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """:func:`silu_gate_` without writing into ``gate``."""
+    return torch.nn.functional.silu(gate) * up

@@ -83,6 +83,7 @@ def load_model(source: ModelSource, device, dtype, placement=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .fused_layers import fuse_layers
     from .placement import check_map_fits, device_map_for, dispatch
 
     folder, gguf = source.folder, source.gguf_file
@@ -109,12 +110,12 @@ def load_model(source: ModelSource, device, dtype, placement=None):
             f"model type {model.config.model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})."
         )
-    if spread_on_load:
-        return model.eval(), tokenizer
-    if placement is not None:
-        model = model.to(dtype=dtype)
-        return dispatch(model, device_map_for(model, placement, dtype)), tokenizer
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    if placement is not None and not spread_on_load:
+        model = dispatch(model.to(dtype=dtype), device_map_for(model, placement, dtype))
+    elif placement is None:
+        model = model.to(device=device, dtype=dtype)
+    fuse_layers(model)
+    return model.eval(), tokenizer
 
 
 def _skeleton(folder: Path):

@@ -13,6 +13,7 @@ from seer_gates import GateConfig, MaskPolicy, build_gates
 from ..engine.attention import ATTENTION_NAME, SparsePrefill, SparsityStats
 from ..engine.context import ContextSettings, ModelContext
 from ..engine.errors import SeerError
+from ..engine.fused_layers import fuse_layers
 from ..engine.generation import default_ubatch_size, prefill
 from ..engine.placement import Placement, input_device, layer_devices, model_gpus, random_model
 from ..engine.runtime import model_shape, pick_dtype
@@ -149,6 +150,7 @@ def random_subject(
             model = AutoModelForCausalLM.from_config(
                 config, dtype=dtype, attn_implementation="sdpa"
             )
+    fuse_layers(model)  # as a loaded model has them
     if gates == "pooled":
         return PrefillSubject(name, model.eval(), None, "random", "pooled")
     shape = model_shape(config)

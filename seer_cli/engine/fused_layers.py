@@ -1,0 +1,75 @@
+"""Fused versions of the element-wise work around attention, swapped into a loaded model.
+
+transformers' eager RMSNorm, RoPE and SiLU gate are many passes over memory: on an H100 with
+Llama-3.1-8B shapes at 128k tokens, ~25 ms of each layer's 367 (dense) or 170 (sparse 0.9),
+the same with or without sparsity, so they bound what sparse prefill can gain (BENCHMARKS.md).
+- RMSNorm: PyTorch's own ``rms_norm`` (one kernel on the GPU, 7× faster there; on the CPU as
+  fast or faster, identical in float32).
+- RoPE and the MLP's SiLU gate: seer's Triton kernels (``seer_kernels.rotary_embedding``,
+  ``silu_gate_``) on CUDA tensors; other tensors keep transformers' code.
+Modules keep their parameters and hooks; only their ``forward`` changes.
+"""
+
+import sys
+import types
+
+import torch
+from seer_kernels import rotary_embedding, silu_gate_
+
+
+def fuse_layers(model) -> None:
+    """Swap the fused operations into ``model`` (a Llama, Mistral, Qwen2 or Qwen3 causal LM)."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            _set_forward(module, _rms_norm_forward)
+        elif _is_silu_mlp(module):
+            _set_forward(module, _silu_mlp_forward)
+    # The attention layers call their modeling module's function by name: RoPE can only be
+    # swapped there (for every model of that family in this process).
+    family = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    if not hasattr(family.apply_rotary_pos_emb, "unfused"):
+        family.apply_rotary_pos_emb = _fused_rotary(family.apply_rotary_pos_emb)
+
+
+def _set_forward(module: torch.nn.Module, forward) -> None:
+    bound = types.MethodType(forward, module)
+    if hasattr(module, "_hf_hook"):
+        # accelerate's device hooks wrap the forward they found, kept as _old_forward.
+        module._old_forward = bound
+    else:
+        module.forward = bound
+
+
+def _is_silu_mlp(module: torch.nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return all(
+        hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")
+    ) and getattr(config, "hidden_act", None) in ("silu", "swish")
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype != self.weight.dtype:
+        return type(self).forward(self, hidden_states)
+    return torch.nn.functional.rms_norm(
+        hidden_states, self.weight.shape, self.weight, self.variance_epsilon
+    )
+
+
+def _silu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    gate = self.gate_proj(x)
+    if not gate.is_cuda:
+        return self.down_proj(self.act_fn(gate) * self.up_proj(x))
+    return self.down_proj(silu_gate_(gate, self.up_proj(x)))
+
+
+def _fused_rotary(unfused):
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``, fused on CUDA
+    tensors with full-width tables; ``unfused`` otherwise."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if q.is_cuda and unsqueeze_dim == 1 and cos.dim() == 3 and cos.shape[-1] == q.shape[-1]:
+            return rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)
+        return unfused(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb.unfused = unfused
+    return apply_rotary_pos_emb

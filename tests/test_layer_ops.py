@@ -1,0 +1,140 @@
+"""The fused RoPE and SiLU-gate kernels against float64 oracles and transformers' own code, and
+the swap of the fused operations into models of every supported family."""
+
+import sys
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, needs_gpu, needs_kernel_device
+from seer_kernels import (
+    rotary_embedding,
+    rotary_embedding_reference,
+    silu_gate_,
+    silu_gate_reference,
+)
+from tiny_models import FAMILIES, random_ids, tiny_model
+from transformers.models.llama import modeling_llama
+
+from seer_cli.engine.fused_layers import fuse_layers
+
+# Largest error allowed against the float64 oracle: one rounding of the output, a little more.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rope_tables(batch: int, s: int, d: int, dtype, device, seed: int = 0):
+    """cos/sin [batch, s, d] as a transformers rotary module makes them: the frequencies twice,
+    scaled (as YaRN's attention factor does), at different positions per sequence."""
+    generator = torch.Generator().manual_seed(seed)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    start = torch.randint(0, 5000, (batch, 1, 1), generator=generator)
+    freqs = (torch.arange(s, dtype=torch.float64)[None, :, None] + start) * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return tuple((1.1 * f(angles)).to(dtype).to(device) for f in (torch.cos, torch.sin))
+
+
+def heads_second(b: int, s: int, h: int, d: int, dtype, device, seed: int):
+    """[b, h, s, d] viewed from [b, s, h, d], as the attention layers hand q and k over."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s, h, d, generator=generator, dtype=torch.float32)
+    return x.to(dtype).to(device).transpose(1, 2)
+
+
+def unfused_rope(family_module):
+    apply = family_module.apply_rotary_pos_emb
+    return getattr(apply, "unfused", apply)
+
+
+def test_rope_reference_is_transformers_rope():
+    q = heads_second(2, 37, 4, 64, torch.float32, "cpu", seed=1)
+    k = heads_second(2, 37, 2, 64, torch.float32, "cpu", seed=2)
+    cos, sin = rope_tables(2, 37, 64, torch.float32, "cpu")
+    q_hf, k_hf = unfused_rope(modeling_llama)(q, k, cos, sin)
+    torch.testing.assert_close(rotary_embedding_reference(q, cos, sin), q_hf)
+    torch.testing.assert_close(rotary_embedding_reference(k, cos, sin), k_hf)
+
+
+ROPE_SHAPES = [(1, 3, 1, 64), (2, 4, 37, 64), (1, 2, 130, 128), (2, 3, 33, 80)]
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("table_batch", ["per sequence", "shared"])
+def test_rotary_kernel_matches_the_oracle(shape, dtype, table_batch, poisoned_empty):
+    b, h, s, d = shape
+    x = heads_second(b, s, h, d, dtype, KERNEL_DEVICE, seed=3)
+    cos, sin = rope_tables(b if table_batch == "per sequence" else 1, s, d, dtype, KERNEL_DEVICE)
+    out = rotary_embedding(x, cos, sin)
+    oracle = rotary_embedding_reference(x.double(), cos.double(), sin.double())
+    assert out.dtype == dtype and out.stride() == x.stride()
+    assert (out.double() - oracle).abs().max() <= TOLERANCE[dtype] * max(1, oracle.abs().max())
+
+
+@needs_kernel_device
+def test_rotary_kernel_on_contiguous_heads_first_input():
+    x = torch.randn(2, 3, 50, 64, device=KERNEL_DEVICE)
+    cos, sin = rope_tables(2, 50, 64, torch.float32, KERNEL_DEVICE)
+    torch.testing.assert_close(
+        rotary_embedding(x, cos, sin), rotary_embedding_reference(x, cos, sin), atol=1e-5, rtol=0
+    )
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 7), (3, 5, 1000), (2, 2049)], ids=str)
+def test_silu_gate_kernel_matches_the_oracle(shape, dtype):
+    generator = torch.Generator().manual_seed(4)
+    gate, up = (4 * torch.randn(shape, generator=generator) for _ in range(2))
+    gate, up = gate.to(dtype).to(KERNEL_DEVICE), up.to(dtype).to(KERNEL_DEVICE)
+    oracle = silu_gate_reference(gate.double(), up.double())
+    out = silu_gate_(gate, up)
+    assert out is gate
+    assert (out.double() - oracle).abs().max() <= TOLERANCE[dtype] * max(1, oracle.abs().max())
+
+
+@needs_kernel_device
+def test_bad_inputs_raise_value_error():
+    x = torch.randn(1, 2, 10, 64, device=KERNEL_DEVICE)
+    cos, sin = rope_tables(1, 9, 64, torch.float32, KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="rotary tables"):
+        rotary_embedding(x, cos, sin)
+    gate = torch.randn(4, 6, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        silu_gate_(gate.t(), torch.randn(6, 4, device=KERNEL_DEVICE))
+    with pytest.raises(ValueError, match="one shape"):
+        silu_gate_(gate, torch.randn(4, 5, device=KERNEL_DEVICE))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_layers_give_the_same_logits_on_the_cpu(family):
+    """On the CPU only RMSNorm changes (PyTorch's own, identical in float32); RoPE and the SiLU
+    gate keep transformers' code there."""
+    model = tiny_model(family)
+    ids = random_ids(90)
+    with torch.inference_mode():
+        before = model(ids).logits
+        fuse_layers(model)
+        fuse_layers(model)  # twice is once
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and all("forward" in vars(m) for m in norms)
+    assert all("forward" in vars(layer.mlp) for layer in model.model.layers)
+    family_module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    rope = family_module.apply_rotary_pos_emb
+    assert not hasattr(rope.unfused, "unfused")
+
+
+@needs_gpu
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_layers_on_the_gpu_match_transformers(family, monkeypatch):
+    ids = random_ids(200).cuda()
+    family_module = sys.modules[type(tiny_model(family).model.layers[0].self_attn).__module__]
+    with torch.inference_mode():
+        with monkeypatch.context() as patch:
+            patch.setattr(family_module, "apply_rotary_pos_emb", unfused_rope(family_module))
+            before = tiny_model(family).cuda().to(torch.bfloat16)(ids).logits.float()
+        model = tiny_model(family).cuda().to(torch.bfloat16)
+        fuse_layers(model)
+        after = model(ids).logits.float()
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
