@@ -24,8 +24,9 @@ def _select(qf, kf, policy: MaskPolicy, scale: float, total_blocks: int | None):
         raise ValueError(f"{nq} query blocks over {nb} key blocks do not fit a prompt of "
                          f"{total} blocks.")  # fmt: skip
     dense_row = total - 1 if policy.dense_last_row else -1
+    # Every chunk of a prompt runs the selection kernel compiled for its last one.
     common = dict(scale=scale, keep_sink=policy.keep_sink, local_blocks=policy.local_blocks,
-                  dense_row=dense_row, query_offset=nb - nq)  # fmt: skip
+                  dense_row=dense_row, query_offset=nb - nq, max_keys=total)  # fmt: skip
     if policy.threshold is not None:
         return block_lists_from_features(qf, kf, threshold=policy.threshold, **common)
     plan = _plan_for(total, policy, qf.device, with_diagonal=False)

@@ -46,7 +46,7 @@ from ._common import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_start", "seq_len", "seq_bucket"])
 def _block_sparse_fwd(
     Q, K, V, Out, BlockIdx, BlockCount,
     stride_qb, stride_qh, stride_qs,

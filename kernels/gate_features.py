@@ -171,7 +171,7 @@ def _store_rope(out_base, x1, x2, blocks, valid, stride_on, COS, SIN, table_rows
                   stride_on, HALF)  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_tokens", "query_start", "k_len"])
 def _block_features(
     Q, K, WQ, WK, COS, SIN, QF, KF,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,

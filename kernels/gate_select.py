@@ -125,7 +125,18 @@ def _select_rows(
         tl.store(counts_out + (row - query_offset), count, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[
+        "q_blocks",
+        "query_offset",
+        "budget_rows",
+        "dense_row",
+        "local_blocks",
+        "width",
+        "num_items",
+        "groups_per_head",
+    ]
+)
 def _select_lists(
     QF, KF, Budgets, Scratch, Indices, Counts,
     stride_qfb, stride_qfh, stride_qfn, stride_kfb, stride_kfh, stride_kfn,
@@ -208,6 +219,7 @@ def block_lists_from_features(
     dense_row: int = -1,
     query_offset: int = 0,
     width: int | None = None,
+    max_keys: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The block-sparse kernel's per-row lists from block features, in one launch.
 
@@ -221,7 +233,9 @@ def block_lists_from_features(
     - the first block if ``keep_sink``, the ``local_blocks`` blocks before the diagonal (top-k:
       counted in the budget, as the sink), and every block of absolute row ``dense_row``.
 
-    ``width`` (default: the longest possible row) must bound every row's count. Returns
+    ``width`` (default: the longest possible row) must bound every row's count. ``max_keys``:
+    key blocks of the widest call sharing this one's compiled kernel (a chunked prompt's last
+    chunk; default: this call's) — the kernel is compiled per power of two of it. Returns
     (indices [b, Hq, n, width] int32, counts [b, Hq, n] int32): row i keeps
     ``indices[..., i, :counts[..., i]]`` in ascending order; later slots are unspecified.
     """
@@ -245,7 +259,7 @@ def block_lists_from_features(
     width = width if width is not None else max(keys - 1, 1)
     indices = torch.empty(b, hq, n, width, dtype=torch.int32, device=qf.device)
     counts = torch.empty(b, hq, n, dtype=torch.int32, device=qf.device)
-    key_slots = max(triton.next_power_of_2(keys), 16)
+    key_slots = max(triton.next_power_of_2(max(keys, max_keys or 0)), 16)
     half, quarter = max(key_slots // 2, 16), max(key_slots // 4, 16)
     groups = triton.cdiv(n, FEATURE_ROWS)
     items = b * hq * groups

@@ -158,6 +158,24 @@ def test_selection_in_several_passes_per_work_item(monkeypatch):
         torch.testing.assert_close(lists_to_mask(indices, counts, num_blocks(2100)), expected)
 
 
+@pytest.mark.parametrize("policy_name", ["top-k 0.9, local 3", "threshold"])
+def test_a_kernel_compiled_for_more_keys_keeps_the_same_blocks(policy_name):
+    """A chunk scored by the kernel compiled for the prompt's last chunk (``max_keys``) keeps
+    what the kernel compiled for its own keys keeps."""
+    gate, q, k, cos, sin = gate_inputs((900, 2, 1, 64, 64, False), KERNEL_DTYPES[0])
+    qf, kf = gate_block_features(q, k, gate.mask_linear_k.weight, cos, sin)
+    policy = POLICIES[policy_name]
+    kwargs = dict(scale=1 / 8, local_blocks=policy.local_blocks, query_offset=4)
+    if policy.threshold is None:
+        kwargs.update(budgets=torch.full((15,), 3, dtype=torch.int32, device=KERNEL_DEVICE))
+    else:
+        kwargs.update(threshold=policy.threshold)
+    own = block_lists_from_features(qf[:, :, 4:], kf, **kwargs)
+    wide = block_lists_from_features(qf[:, :, 4:], kf, max_keys=300, **kwargs)
+    assert torch.equal(own[1], wide[1])
+    torch.testing.assert_close(lists_to_mask(*wide, 15), lists_to_mask(*own, 15))
+
+
 def test_tied_logits_fill_each_budget_from_the_lowest_blocks():
     """Equal logits (identical key blocks, as in a repeated text) still keep exactly each row's
     budget: the sink, then the lowest blocks."""
