@@ -18,7 +18,7 @@ ROTARY_ROWS = 32
 GATE_ELEMENTS = 2048
 
 
-@triton.jit(do_not_specialize=["seq_len"])
+@triton.jit(do_not_specialize=["seq_len", "num_heads"])
 def _rotary(
     X, COS, SIN, OUT,
     stride_xb, stride_xh, stride_xs, stride_tb, stride_ts, stride_ob, stride_oh, stride_os,

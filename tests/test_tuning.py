@@ -101,5 +101,5 @@ def test_gpu_warmup_fails_silently(monkeypatch):
 
     failures = []
     monkeypatch.setattr(threading, "excepthook", failures.append)
-    start_gpu_warmup(torch.device("cuda"), torch.bfloat16, triton=False).join(timeout=60)
+    start_gpu_warmup(torch.device("cuda"), torch.bfloat16).join(timeout=60)
     assert failures == []

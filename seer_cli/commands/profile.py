@@ -157,7 +157,7 @@ def prefill(
         from ..engine.gpu_warmup import start_gpu_warmup
         from ..engine.runtime import pick_dtype
 
-        start_gpu_warmup(torch_device, pick_dtype("auto", torch_device), triton=True)
+        start_gpu_warmup(torch_device, pick_dtype("auto", torch_device))
     if model is not None or (config is None and torch_device.type == "cpu"):
         subject = profiling.loaded_subject(
             model, gates, torch_device, device_map, max_memory, context

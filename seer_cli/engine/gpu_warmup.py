@@ -2,9 +2,10 @@
 
 A command-line run is one prefill per process, so the first call pays for what every later call
 finds ready: cuBLAS's initialisation on the first matrix product (the rotary table's float32
-one, the layers' own dtype), and for sparse prefill Triton's (``seer_kernels.tuning
-.warm_up_triton``). Measured on an H100 with the default model's shapes at 32k tokens, these
-were ~0.3 s of a first prefill whose work takes 80 ms (BENCHMARKS.md).
+one, the layers' own dtype) and Triton's (``seer_kernels.tuning.warm_up_triton``: every model
+runs seer's fused RoPE and SiLU-gate kernels, sparse prefill its attention kernels). Measured
+on an H100 with the default model's shapes at 32k tokens, these were ~0.3 s of a first prefill
+whose work takes 80 ms (BENCHMARKS.md).
 """
 
 import threading
@@ -15,23 +16,21 @@ import torch
 _WARM_UP_SIDE = 256
 
 
-def start_gpu_warmup(device: torch.device, dtype: torch.dtype, triton: bool) -> threading.Thread:
-    """Start the warm-up of ``device`` for a model in ``dtype`` (with Triton's when ``triton``)
-    and return its thread. Not a daemon: the interpreter waits for it before shutting CUDA down.
-    """
-    thread = threading.Thread(target=_warm_up, args=(device, dtype, triton), name="seer-gpu-warmup")
+def start_gpu_warmup(device: torch.device, dtype: torch.dtype) -> threading.Thread:
+    """Start the warm-up of ``device`` for a model in ``dtype`` and return its thread. Not a
+    daemon: the interpreter waits for it before shutting CUDA down."""
+    thread = threading.Thread(target=_warm_up, args=(device, dtype), name="seer-gpu-warmup")
     thread.start()
     return thread
 
 
-def _warm_up(device: torch.device, dtype: torch.dtype, triton: bool) -> None:
+def _warm_up(device: torch.device, dtype: torch.dtype) -> None:
     """Best effort and silent: whatever fails here fails again where the prefill needs it, and
     is reported there in one sentence (a thread's exception would print a traceback)."""
     try:
-        if triton:
-            from seer_kernels.tuning import warm_up_triton
+        from seer_kernels.tuning import warm_up_triton
 
-            warm_up_triton()
+        warm_up_triton()
         with torch.inference_mode():
             for matmul_dtype in dict.fromkeys((torch.float32, dtype)):
                 x = torch.ones(_WARM_UP_SIDE, _WARM_UP_SIDE, device=device, dtype=matmul_dtype)

@@ -132,7 +132,7 @@ class Engine:
         if device.type == "cuda":
             from .gpu_warmup import start_gpu_warmup
 
-            start_gpu_warmup(device, dtype, triton=policy is not None)
+            start_gpu_warmup(device, dtype)
         source = resolve_model(options.model)
         if policy is not None:
             check_gate_option(options.gates)
