@@ -10,10 +10,11 @@
   max-pooled block attention map used as the self-distillation target (Triton).
 - :func:`rotary_embedding` and :func:`silu_gate_`: the element-wise work around attention (RoPE,
   the MLP's SiLU gate) in one pass each (Triton).
+- :func:`compiling_ahead`: a dry run of launches that compiles their kernels side by side.
 - ``*_reference``: the same functions in plain PyTorch, for tests and for machines without a GPU.
 """
 
-from ._common import BLOCK, interpreting, num_blocks
+from ._common import BLOCK, can_compile_ahead, compiling_ahead, interpreting, num_blocks
 from .block_sparse import (
     block_sparse_attention,
     block_sparse_attention_from_lists,
@@ -38,6 +39,8 @@ __all__ = [
     "block_sparse_attention_cpu",
     "block_sparse_attention_from_lists",
     "block_sparse_attention_reference",
+    "can_compile_ahead",
+    "compiling_ahead",
     "gate_block_features",
     "interpreting",
     "kept_block_indices",

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, interpreting, num_blocks, on_device
+from ._common import BLOCK, interpreting, num_blocks, on_device, run_kernel
 
 FEATURE_ROWS = 16  # blocks pooled per program, and query rows scored per work item (tl.dot's M)
 # Measured on the H100 (bench_gates.py --sweep, BENCHMARKS.md): 4 warps beat 8.
@@ -287,8 +287,8 @@ def _launch_features(q, k, weight_q, weight_k, cos, sin, hidden, query_start, k_
     t_strides = (cos.stride(0), cos.stride(1)) if gate else (0, 0)
     grid = (triton.cdiv(max(q_blocks, k_blocks), FEATURE_ROWS), b * (hq + hkv))
     with on_device(q.device):
-        _block_features[grid](
-            q, k, wq, wk, cos, sin, qf, kf,
+        run_kernel(
+            _block_features, grid, q, k, wq, wk, cos, sin, qf, kf,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             *w_strides(wq), *w_strides(wk), *t_strides,
             qf.stride(0), qf.stride(1), qf.stride(2), kf.stride(0), kf.stride(1), kf.stride(2),

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device
+from ._common import on_device, run_kernel
 from .gate_features import DOT_PRECISION, FEATURE_ROWS, _check_device
 
 # Key blocks per logits tile and logits held in registers while selecting; the fastest of
@@ -268,8 +268,9 @@ def block_lists_from_features(
                           device=qf.device)  # fmt: skip
     top_k = budgets is not None
     with on_device(qf.device):
-        _select_lists[(programs,)](
-            qf, kf, budgets if top_k else counts, scratch, indices, counts,
+        run_kernel(
+            _select_lists, (programs,), qf, kf, budgets if top_k else counts, scratch, indices,
+            counts,
             qf.stride(0), qf.stride(1), qf.stride(2), kf.stride(0), kf.stride(1), kf.stride(2),
             indices.stride(0), indices.stride(1), indices.stride(2),
             counts.stride(0), counts.stride(1),

@@ -124,12 +124,16 @@ def tuning_key(autotuner, args: tuple, constexprs: dict) -> str:
 def launch_tuned(kernel, autotuner, grid, device: torch.device, args: tuple, constexprs: dict):
     """Launch ``kernel`` with the recorded configuration for its key, tuning it first if none is
     recorded for this GPU."""
+    from ._common import only_compiling, run_kernel
+
     table = _table(device)
     key = tuning_key(autotuner, args, constexprs)
     config = table.get(key)
     if config is not None:
-        kernel[grid](*args, **constexprs, **config)
+        run_kernel(kernel, grid, *args, **constexprs, **config)
         return
+    if only_compiling():
+        return  # the configuration is unknown until tuned: the launch itself tunes
     _notify(f"tuning {autotuner.base_fn.__name__} for this GPU (once)")
     autotuner[grid](*args, **constexprs)
     best = autotuner.best_config

@@ -15,6 +15,8 @@ from seer_kernels import (
     block_sparse_attention,
     block_sparse_attention_from_lists,
     block_sparse_attention_reference,
+    can_compile_ahead,
+    compiling_ahead,
     kept_block_indices,
     num_blocks,
     pooled_attention,
@@ -227,6 +229,27 @@ def test_block_lists_in_any_order_give_the_mask_result(poisoned_empty):
     shuffled = torch.where(slots < counts[..., None], shuffled, 10_000).to(torch.int32)
     out = block_sparse_attention_from_lists(q, k, v, shuffled, counts)
     torch.testing.assert_close(out, block_sparse_attention(q, k, v, mask), rtol=1e-3, atol=1e-3)
+
+
+@needs_gpu
+def test_compiling_ahead_compiles_without_running(poisoned_empty):
+    """Inside ``compiling_ahead`` a launch leaves its output unwritten; the real launch after it
+    runs the kernel compiled there."""
+    assert can_compile_ahead(torch.device("cuda"))
+    q, k, v = random_qkv((777, 4, 2, 64), torch.bfloat16, "cuda", seed=9)
+    mask = make_mask("random", 2, 4, 777, "cuda", seed=9)
+    indices, counts = kept_block_indices(mask)
+    with compiling_ahead():
+        dry = block_sparse_attention_from_lists(q, k, v, indices, counts)
+    torch.cuda.synchronize()
+    assert bool(dry.isnan().all())
+    out = block_sparse_attention_from_lists(q, k, v, indices, counts)
+    same_precision = block_sparse_attention_reference(q, k, v, mask)
+    assert_close_to_oracle(out, same_precision, oracle_attention(q, k, v, mask))
+
+
+def test_compiling_ahead_needs_a_gpu():
+    assert not can_compile_ahead(torch.device("cpu"))
 
 
 def test_block_lists_are_checked():

@@ -29,6 +29,8 @@ from seer_kernels import (
     block_sparse_attention_cpu,
     block_sparse_attention_from_lists,
     block_sparse_attention_reference,
+    can_compile_ahead,
+    compiling_ahead,
     kept_block_indices,
 )
 from torch.nn.attention.bias import causal_lower_right
@@ -116,6 +118,7 @@ class SparsePrefill:
         self.stats = SparsityStats()
         self._captured: dict[int, dict[str, torch.Tensor]] = {}
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._compiled_shapes: set[tuple] = set()
         self._hooks = []
         self._past_keys: PastKeys | None = None
         self._attach()
@@ -189,6 +192,7 @@ class SparsePrefill:
         total_blocks = block_count(prompt_end or s)
         kernel = attention_kernel(q.device)
         if kernel == "triton":
+            self._compile_ahead(layer_idx, q, k, v, scaling, captured, pooled_keys, total_blocks)
             # Gate scoring and selection fused into two launches, straight to the kernel's lists.
             indices, counts = self._block_lists(
                 layer_idx, q, k, captured, pooled_keys, total_blocks
@@ -205,6 +209,20 @@ class SparsePrefill:
         causal = torch.ones(rows, nb, dtype=torch.bool, device=mask.device).tril(first)
         self.stats.record(layer_idx, (mask & causal).sum(), causal_blocks)
         return block_sparse_attention_reference(q, k, v, mask, scaling)
+
+    def _compile_ahead(self, layer_idx, q, k, v, scaling, captured, pooled_keys, total_blocks):
+        """Once per shape and scoring in this process: a dry run of the Triton path that
+        compiles its three kernels side by side, where the real run would compile them one
+        after another (a first run after install; seconds on a GPU)."""
+        shape = (q.shape, k.shape, q.dtype, q.device, total_blocks, self.scoring, repr(self.policy))
+        if shape in self._compiled_shapes or not can_compile_ahead(q.device):
+            return
+        with compiling_ahead():
+            indices, counts = self._block_lists(
+                layer_idx, q, k, captured, pooled_keys, total_blocks
+            )
+            block_sparse_attention_from_lists(q, k, v, indices, counts, scaling)
+        self._compiled_shapes.add(shape)
 
     def _block_lists(self, layer_idx: int, q, k, captured, pooled_keys, total_blocks: int):
         """The Triton path's per-row lists (indices, counts) of the query blocks, from the fused
