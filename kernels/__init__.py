@@ -14,7 +14,14 @@
 - ``*_reference``: the same functions in plain PyTorch, for tests and for machines without a GPU.
 """
 
-from ._common import BLOCK, can_compile_ahead, compiling_ahead, interpreting, num_blocks
+from ._common import (
+    BLOCK,
+    can_compile_ahead,
+    compiling_ahead,
+    interpreting,
+    num_blocks,
+    only_compiling,
+)
 from .block_sparse import (
     block_sparse_attention,
     block_sparse_attention_from_lists,
@@ -45,6 +52,7 @@ __all__ = [
     "interpreting",
     "kept_block_indices",
     "num_blocks",
+    "only_compiling",
     "pooled_attention",
     "pooled_attention_reference",
     "pooled_block_features",
