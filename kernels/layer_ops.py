@@ -2,7 +2,7 @@
 
 transformers computes RoPE as ``q * cos + rotate_half(q) * sin`` and the MLP's gate as
 ``silu(gate) * up``: six to eight passes over memory per layer, each its own launch. At 128k
-tokens on Llama-3.1-8B shapes they cost ~10 ms of a layer's 160 (BENCHMARKS.md); here each is
+tokens on Llama-3.1-8B shapes they cost ~16 ms of a layer's 160 (BENCHMARKS.md); here each is
 one pass, computed in float32 and rounded once. Lengths are not specialised on, so every
 prompt length runs the kernels compiled for the first.
 """

@@ -56,18 +56,19 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _silu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    gate = self.gate_proj(x)
-    if not gate.is_cuda:
-        return self.down_proj(self.act_fn(gate) * self.up_proj(x))
-    return self.down_proj(silu_gate_(gate, self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.is_cuda and gate.is_contiguous() and up.is_contiguous():
+        return self.down_proj(silu_gate_(gate, up))
+    return self.down_proj(self.act_fn(gate) * up)
 
 
 def _fused_rotary(unfused):
     """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``, fused on CUDA
-    tensors with full-width tables; ``unfused`` otherwise."""
+    tensors with full-width tables and unit channel strides; ``unfused`` otherwise."""
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if q.is_cuda and unsqueeze_dim == 1 and cos.dim() == 3 and cos.shape[-1] == q.shape[-1]:
+        fits = cos.dim() == 3 and cos.shape[-1] == q.shape[-1] and unsqueeze_dim == 1
+        if q.is_cuda and fits and q.stride(-1) == 1 and k.stride(-1) == 1:
             return rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)
         return unfused(q, k, cos, sin, unsqueeze_dim)
 
