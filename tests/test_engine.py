@@ -244,7 +244,11 @@ def test_engine_loads_a_model_folder_with_a_gate_file(tiny_folder, tmp_path):
     model = tiny_model("qwen3")
     gate_file = tmp_path / "gates.safetensors"
     save_gates(gate_file, tiny_gates(model), gate_config(model, base_model="tiny-qwen3"))
-    engine = Engine.load(EngineOptions(model=str(tiny_folder), gates=str(gate_file), sparsity=0.7))
+    # Sparse at any length, on a GPU too (where short prompts are prefilled densely by default).
+    options = EngineOptions(
+        model=str(tiny_folder), gates=str(gate_file), sparsity=0.7, sparse_min_tokens=0
+    )
+    engine = Engine.load(options)
     assert engine.name == "tiny-qwen3"
     assert engine.context_length == CONTEXT
     prompt = engine.prompt(document="x" * 900, instruction="Go on.", max_tokens=8)
