@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ._common import only_compiling, run_kernel
+
 _SHIPPED = "tuned"
 _notify: Callable[[str], None] = lambda message: None
 
@@ -124,8 +126,6 @@ def tuning_key(autotuner, args: tuple, constexprs: dict) -> str:
 def launch_tuned(kernel, autotuner, grid, device: torch.device, args: tuple, constexprs: dict):
     """Launch ``kernel`` with the recorded configuration for its key, tuning it first if none is
     recorded for this GPU."""
-    from ._common import only_compiling, run_kernel
-
     table = _table(device)
     key = tuning_key(autotuner, args, constexprs)
     config = table.get(key)
