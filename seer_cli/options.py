@@ -145,7 +145,8 @@ RopeScaling = Annotated[
     typer.Option(
         "--rope-scaling",
         envvar="SEER_ROPE_SCALING",
-        help="RoPE scaling past the native context: none, linear or yarn (default yarn).",
+        help="RoPE scaling past the native context: none, linear, yarn, or longrope (factors "
+        "measured for the model; the default where seer has them, else yarn).",
     ),
 ]
 RopeScale = Annotated[

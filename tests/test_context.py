@@ -27,12 +27,16 @@ from typer.testing import CliRunner
 
 from seer_cli.app import app
 from seer_cli.engine import attention, runtime
+from seer_cli.engine import context as context_module
 from seer_cli.engine.attention import SparsePrefill
 from seer_cli.engine.context import (
     ContextSettings,
+    MeasuredFactors,
     ModelContext,
     RopeScaling,
+    measured_factors,
     plan_context,
+    rope_parameters_at_width,
     scaling_fields,
 )
 from seer_cli.engine.errors import SeerError
@@ -156,6 +160,128 @@ def test_a_model_that_scales_its_rope_already_is_not_extended():
     model.config.max_position_embeddings = CONTEXT
     with pytest.raises(SeerError, match="already scales its RoPE"):
         plan_context(model.config, "tiny", ContextSettings(ctx_size=EXTENDED))
+
+
+# ---------------------------------------------------------------- measured LongRoPE factors
+
+
+def shipped_default_model_config():
+    """The tiny model's config with the default model's native context (its head_dim, 64, is
+    the default model's too)."""
+    config = copy.deepcopy(tiny_model("llama").config)
+    config.max_position_embeddings = 8192
+    return config
+
+
+def test_the_default_model_ships_factors_for_its_extended_context():
+    factors = measured_factors(DEFAULT_MODEL)
+    assert (factors.original_ctx, factors.ctx_size) == (8192, 32768)
+    assert len(factors.long_factor) == 32 and min(factors.long_factor) >= 1
+    assert factors.attention_factor > 1 and "pg2641" in factors.measured
+    assert measured_factors("tiny") is None
+
+
+def test_measured_factors_are_the_default_where_they_serve_the_model():
+    config = shipped_default_model_config()
+    scaling = plan_context(config, DEFAULT_MODEL, ContextSettings()).scaling
+    assert scaling == RopeScaling("longrope", 4.0, 8192, factors=measured_factors(DEFAULT_MODEL))
+    assert str(scaling) == "LongRoPE ×4, factors measured for the model"
+    # Past the factors' context, or with a YaRN setting given, YaRN as before.
+    longer = plan_context(config, DEFAULT_MODEL, ContextSettings(ctx_size=65536)).scaling
+    assert longer == RopeScaling("yarn", 8.0, 8192, beta_fast=128, beta_slow=2)
+    for settings in (ContextSettings(rope_scale=4), ContextSettings(yarn_beta_fast=64)):
+        assert plan_context(config, DEFAULT_MODEL, settings).scaling.kind == "yarn"
+
+
+TINY_FACTORS = MeasuredFactors(
+    "tiny", CONTEXT, EXTENDED, tuple(1 + 0.1 * i for i in range(32)), 1.05, "by the test"
+)
+LONGROPE = {
+    "rope_type": "longrope",
+    "long_factor": list(TINY_FACTORS.long_factor),
+    "short_factor": [1.0] * 32,
+    "original_max_position_embeddings": CONTEXT,
+    "attention_factor": 1.05,
+}
+
+
+@pytest.fixture
+def tiny_factors(monkeypatch):
+    monkeypatch.setattr(context_module, "measured_factors", lambda name: TINY_FACTORS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_long_prompts_run_transformers_own_longrope(family, tiny_factors):
+    model = tiny_model(family)
+    context = ModelContext(model, "tiny", ContextSettings(EXTENDED))
+    long_ids, short_ids = random_ids(1500), random_ids(300)
+    unscaled = logits_of(model, short_ids)
+    assert context.apply(1500).kind == "longrope"
+    # transformers' longrope reads the long factors past the original context.
+    expected = logits_of(reference_model(model, LONGROPE), long_ids)
+    torch.testing.assert_close(logits_of(model, long_ids), expected)
+    assert context.apply(300) is None
+    torch.testing.assert_close(logits_of(model, short_ids), unscaled, rtol=0, atol=0)
+
+
+def test_longrope_tables_do_not_depend_on_the_positions_asked_for(tiny_factors):
+    # Chunks of a long prompt and the gates' block positions start below the original context:
+    # they must get the same frequencies as the rest of the prompt.
+    model = tiny_model("llama")
+    ModelContext(model, "tiny", ContextSettings(EXTENDED)).apply(2000)
+    rotary, x = model.model.rotary_emb, torch.zeros(1, 1, 8)
+    positions = torch.arange(2000)[None]
+    whole_cos, _ = rotary(x, positions)
+    first_cos, _ = rotary(x, positions[:, :100])
+    torch.testing.assert_close(first_cos, whole_cos[:, :100], rtol=0, atol=0)
+
+
+def test_gate_block_rope_reads_the_measured_factors_at_its_width(tiny_factors):
+    model = tiny_model("llama")
+    ModelContext(model, "tiny", ContextSettings(EXTENDED)).apply(2000)
+    nb = block_count(2000)
+    # At the model's own width the gates' tables are the model's, at block positions.
+    positions = (torch.arange(nb) * 64)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, 1, 8), positions)
+    tables = attention.block_rope(model, 64, nb, 1, "cpu")
+    torch.testing.assert_close(tables[0][0], cos[0])
+    torch.testing.assert_close(tables[1][0], sin[0])
+    # Twice as wide: every other frequency is one of the model's, with its factor.
+    wide_cos, _ = attention.block_rope(model, 128, nb, 1, "cpu")
+    torch.testing.assert_close(wide_cos[0, :, 0:64:2], cos[0, :, :32])
+
+
+def test_rope_parameters_at_another_width_keep_each_frequency_factor():
+    params = {"rope_type": "longrope", "long_factor": [1.0, 2.0, 4.0], "short_factor": [1.0] * 3}
+    wide = rope_parameters_at_width(params, 6, 12)
+    assert wide["long_factor"] == [1.0, 1.5, 2.0, 3.0, 4.0, 4.0]
+    assert rope_parameters_at_width(params, 6, 6) is params
+    yarn = {"rope_type": "yarn", "factor": 4.0}
+    assert rope_parameters_at_width(yarn, 6, 12) is yarn
+
+
+LONGROPE_NONSENSE = [
+    (ContextSettings(ctx_size=16384, rope_scaling="longrope"), "tiny",
+     ["no measured LongRoPE factors for tiny", "--rope-scaling yarn"]),
+    (ContextSettings(rope_scaling="longrope", rope_scale=4), "tiny",
+     ["need --rope-scaling linear or yarn"]),
+    (ContextSettings(rope_scaling="longrope", yarn_beta_slow=2), "tiny",
+     ["--yarn-beta-slow applies to --rope-scaling yarn only"]),
+    (ContextSettings(ctx_size=65536, rope_scaling="longrope"), DEFAULT_MODEL,
+     ["serve 8192-token models up to 32768 tokens", "not --ctx-size 65536"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "settings, name, phrases", LONGROPE_NONSENSE, ids=["no-factors", "scale", "beta", "too-long"]
+)
+def test_longrope_nonsense_is_one_sentence(settings, name, phrases):
+    with pytest.raises(SeerError) as error:
+        plan_context(shipped_default_model_config(), name, settings)
+    message = str(error.value)
+    assert message.endswith(".") and message.count(". ") == 0
+    for phrase in phrases:
+        assert phrase in message
 
 
 # ---------------------------------------------------------------- the RoPE switch
@@ -326,6 +452,21 @@ def test_generate_says_which_rope_it_used(tiny_folder):
                  env={"SEER_CTX_SIZE": "3072"})  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert f"Context: 3072 tokens, RoPE linear ×3 (past the native {CONTEXT})" in (
+        ANSI.sub("", result.stderr)
+    )
+
+
+def test_generate_says_it_read_measured_factors(tiny_folder, tiny_factors):
+    result = run(*generate_args(tiny_folder, "long.txt", "--ctx-size", "4096", "--json"))
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert (stats["rope_scaling"], stats["rope_scale"], stats["yarn_orig_ctx"]) == (
+        "longrope",
+        4.0,
+        None,
+    )
+    result = run(*generate_args(tiny_folder, "long.txt", "--ctx-size", "4096"))
+    assert "RoPE LongRoPE ×4, factors measured for the model (past the native 1024)" in (
         ANSI.sub("", result.stderr)
     )
 

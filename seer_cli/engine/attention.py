@@ -38,6 +38,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from .context import rope_parameters_at_width
 from .errors import SeerError
 from .past_keys import PastKeys
 from .placement import layer_devices
@@ -278,6 +279,8 @@ def block_rope(model, hidden_size: int, num_blocks: int, batch: int, device):
     prompt length) at the gate's width."""
     rotary = model.model.rotary_emb
     config = copy.deepcopy(rotary.config)
+    width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config.rope_parameters = rope_parameters_at_width(config.rope_parameters, width, hidden_size)
     config.head_dim = hidden_size
     rotary = type(rotary)(config=config).to(device)
     probe = torch.empty(1, device=device, dtype=torch.float32)

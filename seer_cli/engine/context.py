@@ -2,9 +2,11 @@
 
 The settings follow llama.cpp (``--ctx-size``, ``--rope-scaling none|linear|yarn``,
 ``--rope-scale``, ``--yarn-orig-ctx`` and YaRN's knobs ``--yarn-attn-factor``,
-``--yarn-beta-fast``, ``--yarn-beta-slow``); the scaling itself is transformers' own rope types
-(``rope_parameters`` with ``rope_type`` linear or yarn), built into a second rotary module of the
-model's own class. A sequence that fits the native context runs with the model's RoPE, unscaled;
+``--yarn-beta-fast``, ``--yarn-beta-slow``), plus ``--rope-scaling longrope``: per-frequency
+factors measured for a model (``rope_factors/<model>.json``, LongRoPE's form), the default where
+seer ships them. The scaling itself is transformers' own rope types (``rope_parameters`` with
+``rope_type`` linear, yarn or longrope), built into a second rotary module of the model's own
+class. A sequence that fits the native context runs with the model's RoPE, unscaled;
 a longer one, up to the context size, with the scaled module, which stays in place for the
 decode steps after its prefill. The gates' block RoPE reads the rotary module in place
 (``attention.block_rope``), so it follows the switch.
@@ -14,12 +16,15 @@ decode steps after its prefill. The gates' block RoPE reads the rotary module in
 """
 
 import copy
+import functools
+import json
 import math
 from dataclasses import dataclass
+from importlib import resources
 
 from .errors import SeerError
 
-ROPE_SCALINGS = ("none", "linear", "yarn")
+ROPE_SCALINGS = ("none", "linear", "yarn", "longrope")
 # Models whose default context is longer than their native one: the bundled SmolLM2 reads 8192
 # tokens natively and 32768 under YaRN ×4 (README, Long context).
 EXTENDED_CONTEXT = {"SmolLM2-135M-Instruct": 32768}
@@ -32,6 +37,42 @@ YARN_BETA_SLOW = 1.0
 # neither is given: SmolLM2 at 32768 tokens, +13.6 % tail perplexity over native 8k against
 # +20.2 % with the defaults (EVAL.md, Long context).
 MEASURED_YARN_BETAS = {"SmolLM2-135M-Instruct": (128.0, 2.0)}
+
+
+@dataclass(frozen=True)
+class MeasuredFactors:
+    """Per-frequency RoPE factors measured for one model (``rope_factors/<model>.json``): the
+    frequency of rotary pair i is divided by ``long_factor[i]`` and cos/sin are multiplied by
+    ``attention_factor`` (transformers' longrope), for sequences up to ``ctx_size`` tokens of a
+    model whose native context is ``original_ctx``; ``measured`` says how they were fitted."""
+
+    model: str
+    original_ctx: int
+    ctx_size: int
+    long_factor: tuple[float, ...]
+    attention_factor: float
+    measured: str
+
+    def fit(self, config, size: int) -> bool:
+        """Whether these factors serve ``config``'s model at ``size`` tokens."""
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        return (
+            config.max_position_embeddings == self.original_ctx
+            and size <= self.ctx_size
+            and 2 * len(self.long_factor) == head_dim
+        )
+
+
+@functools.cache
+def measured_factors(model_name: str) -> MeasuredFactors | None:
+    """The factors seer ships for ``model_name``, or None."""
+    file = resources.files(__package__) / "rope_factors" / f"{model_name}.json"
+    if not file.is_file():
+        return None
+    fields = json.loads(file.read_text())
+    return MeasuredFactors(**{**fields, "long_factor": tuple(fields["long_factor"])})
 
 
 @dataclass(frozen=True)
@@ -60,7 +101,9 @@ class ContextSettings:
             raise SeerError(f"--rope-scale must be a factor of at least 1, got {scale}.")
         if self.yarn_orig_ctx is not None and self.yarn_orig_ctx < 1:
             raise SeerError(f"--yarn-orig-ctx must be at least 1 token, got {self.yarn_orig_ctx}.")
-        if self.rope_scaling == "none" and (scale is not None or self.yarn_orig_ctx is not None):
+        if self.rope_scaling in ("none", "longrope") and (
+            scale is not None or self.yarn_orig_ctx is not None
+        ):
             raise SeerError("--rope-scale and --yarn-orig-ctx need --rope-scaling linear or yarn.")
         if self.rope_scaling == "linear" and self.yarn_orig_ctx is not None:
             raise SeerError("--yarn-orig-ctx applies to --rope-scaling yarn only.")
@@ -77,17 +120,18 @@ class ContextSettings:
         if slow >= fast:
             raise SeerError(f"--yarn-beta-slow {slow:g} must be below --yarn-beta-fast {fast:g}.")
         given = [flag for flag, value in knobs.items() if value is not None]
-        if self.rope_scaling in ("none", "linear") and given:
+        if self.rope_scaling in ("none", "linear", "longrope") and given:
             raise SeerError(f"{given[0]} applies to --rope-scaling yarn only.")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """One scaling in transformers' terms: ``kind`` linear or yarn, position ``factor``, and the
-    ``original`` context it stretches (YaRN's original_max_position_embeddings); for YaRN also
-    llama.cpp's knobs: ``attn_factor`` multiplies YaRN's attention scaling, and frequencies
-    turning more than ``beta_fast`` times over the original context are kept, fewer than
-    ``beta_slow`` times interpolated, with a ramp between."""
+    """One scaling in transformers' terms: ``kind`` linear, yarn or longrope, position
+    ``factor``, and the ``original`` context it stretches (YaRN's
+    original_max_position_embeddings); for YaRN also llama.cpp's knobs: ``attn_factor``
+    multiplies YaRN's attention scaling, and frequencies turning more than ``beta_fast`` times
+    over the original context are kept, fewer than ``beta_slow`` times interpolated, with a ramp
+    between; for longrope the model's measured ``factors``."""
 
     kind: str
     factor: float
@@ -95,11 +139,23 @@ class RopeScaling:
     attn_factor: float = YARN_ATTN_FACTOR
     beta_fast: float = YARN_BETA_FAST
     beta_slow: float = YARN_BETA_SLOW
+    factors: MeasuredFactors | None = None
 
     def rope_parameters(self, base: dict) -> dict:
         """transformers' ``rope_parameters`` for this scaling, on top of the model's ``base``
         (its rope_theta and any other keys); YaRN's knobs only when off their defaults."""
         params = {**base, "rope_type": self.kind, "factor": float(self.factor)}
+        if self.kind == "longrope":
+            # Short factors equal to the long ones: transformers would switch to the short ones
+            # for positions within the original context; seer switches whole modules by length.
+            factors = list(self.factors.long_factor)
+            return {
+                **params,
+                "long_factor": factors,
+                "short_factor": factors,
+                "original_max_position_embeddings": self.original,
+                "attention_factor": self.factors.attention_factor,
+            }
         if self.kind != "yarn":
             return params
         params["original_max_position_embeddings"] = self.original
@@ -127,6 +183,8 @@ class RopeScaling:
         }
 
     def __str__(self) -> str:
+        if self.kind == "longrope":
+            return f"LongRoPE ×{self.factor:g}, factors measured for the model"
         if self.kind != "yarn":
             return f"linear ×{self.factor:g}"
         knobs = self.changed_knobs().items()
@@ -136,7 +194,7 @@ class RopeScaling:
 
 def scaling_fields(scaling: RopeScaling | None) -> dict:
     """The RoPE a sequence ran with, in fields named after llama.cpp's flags (JSON output, gate
-    metadata): ``rope_scaling`` none, linear or yarn; ``rope_scale``; ``yarn_orig_ctx``,
+    metadata): ``rope_scaling`` none, linear, yarn or longrope; ``rope_scale``; ``yarn_orig_ctx``,
     ``yarn_attn_factor``, ``yarn_beta_fast`` and ``yarn_beta_slow`` (None unless YaRN)."""
     yarn = scaling is not None and scaling.kind == "yarn"
     return {
@@ -146,6 +204,28 @@ def scaling_fields(scaling: RopeScaling | None) -> dict:
         "yarn_attn_factor": scaling.attn_factor if yarn else None,
         "yarn_beta_fast": scaling.beta_fast if yarn else None,
         "yarn_beta_slow": scaling.beta_slow if yarn else None,
+    }
+
+
+def rope_parameters_at_width(params: dict, width: int, new_width: int) -> dict:
+    """``params`` of a rotary table ``width`` channels wide, for one ``new_width`` wide (the
+    gates' block RoPE): longrope's per-frequency factors are resampled so that each frequency
+    keeps its factor (interpolated between the model's frequencies, log-linearly); the other
+    rope types do not depend on the width."""
+    if params.get("rope_type") != "longrope" or width == new_width:
+        return params
+    import numpy
+
+    # Pair j of the new table turns at base^(-2j / new_width): pair j · width / new_width's rate.
+    pairs = numpy.arange(new_width // 2) * width / new_width
+
+    def resample(factors):
+        return numpy.interp(pairs, numpy.arange(len(factors)), factors).tolist()
+
+    return {
+        **params,
+        "long_factor": resample(params["long_factor"]),
+        "short_factor": resample(params["short_factor"]),
     }
 
 
@@ -172,7 +252,8 @@ def plan_context(config, model_name: str, settings: ContextSettings) -> ContextP
         size = EXTENDED_CONTEXT.get(model_name, native)
     if size <= native:
         return ContextPlan(native, size, None)
-    kind = settings.rope_scaling or "yarn"
+    factors = measured_factors(model_name)
+    kind = settings.rope_scaling or _default_scaling(settings, factors, config, size)
     if kind == "none":
         raise SeerError(
             f"--ctx-size {size} is longer than the native context of {model_name} ({native} "
@@ -184,6 +265,8 @@ def plan_context(config, model_name: str, settings: ContextSettings) -> ContextP
             f"{model_name} already scales its RoPE ({own}); seer extends only models with plain "
             f"RoPE, so --ctx-size can be at most {native}."
         )
+    if kind == "longrope":
+        return ContextPlan(native, size, _longrope(factors, config, model_name, size))
     original = settings.yarn_orig_ctx or native
     if original > native:
         raise SeerError(
@@ -206,6 +289,33 @@ def plan_context(config, model_name: str, settings: ContextSettings) -> ContextP
         beta_slow=beta_slow or YARN_BETA_SLOW,
     )  # fmt: skip
     return ContextPlan(native, size, scaling)
+
+
+def _default_scaling(settings: ContextSettings, factors, config, size: int) -> str:
+    """longrope where seer measured factors that serve this model and size and no YaRN or
+    linear setting is given, else yarn."""
+    stretched = settings.rope_scale is not None or settings.yarn_orig_ctx is not None
+    knobs = (settings.yarn_attn_factor, settings.yarn_beta_fast, settings.yarn_beta_slow)
+    if factors is None or stretched or any(k is not None for k in knobs):
+        return "yarn"
+    return "longrope" if factors.fit(config, size) else "yarn"
+
+
+def _longrope(factors, config, model_name: str, size: int) -> RopeScaling:
+    """The measured factors' scaling for ``size`` tokens, or SeerError saying why they do not
+    serve this model."""
+    if factors is None:
+        raise SeerError(
+            f"seer has no measured LongRoPE factors for {model_name}; use --rope-scaling yarn."
+        )
+    if not factors.fit(config, size):
+        raise SeerError(
+            f"the LongRoPE factors of {model_name} serve {factors.original_ctx}-token models up "
+            f"to {factors.ctx_size} tokens, not --ctx-size {size} on this one; use "
+            "--rope-scaling yarn."
+        )
+    original = factors.original_ctx
+    return RopeScaling("longrope", factors.ctx_size / original, original, factors=factors)
 
 
 class ModelContext:

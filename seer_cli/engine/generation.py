@@ -80,8 +80,9 @@ class GenerationStats:
     truncated_tokens: int = 0
     interrupted: bool = False
     # The context (--ctx-size), the model's native one, and the RoPE this prompt ran with:
-    # rope_scaling "none" is the model's own; "linear" or "yarn" stretch positions by rope_scale
-    # (YaRN from yarn_orig_ctx, with its knobs yarn_attn_factor, yarn_beta_fast, yarn_beta_slow).
+    # rope_scaling "none" is the model's own; "linear", "yarn" or "longrope" stretch positions by
+    # rope_scale (YaRN from yarn_orig_ctx, with its knobs yarn_attn_factor, yarn_beta_fast,
+    # yarn_beta_slow; longrope by the factors measured for the model).
     n_ctx: int | None = None
     n_ctx_train: int | None = None
     rope_scaling: str = "none"
