@@ -9,16 +9,17 @@
 # ../shared/data/books, else shared/data/books). Everything goes to OUT (default ./out): the new
 # gate file, each step's JSON output and stderr log; a short table is printed last.
 # Expected on an H100: scaling about 1.5 minutes, yarn 2 (7 settings of 17 s), yarn-pairs under
-# 2, distill about 3, eval32k about 3, eval8k under 1, local under 2 (measured 1.5),
+# 2, fit-rope about 2.5, distill about 3, eval32k about 3, eval8k under 1, local under 2 (measured 1.5),
 # local-gates about 5, local-gates-8k under 1; each stage alone fits a 10-minute call.
 #
 #   bash benchmarks/long_context_gpu.sh            # all stages
 #   bash benchmarks/long_context_gpu.sh distill    # one stage: scaling, yarn, yarn-pairs,
-#                                                  # distill, eval32k, eval8k, local, local-gates,
-#                                                  # local-gates-8k, table
+#                                                  # fit-rope, distill, eval32k, eval8k, local,
+#                                                  # local-gates, local-gates-8k, table
 #
 # LONG, NATIVE, STEPS and DISTILL_WINDOWS (default: all) shrink the run for a smoke test on the
-# CPU with a tiny model, e.g. MODEL=tiny-llama LONG=2048 NATIVE=1024 STEPS=2 DISTILL_WINDOWS=4.
+# CPU with a tiny model, e.g. MODEL=tiny-llama SCALING=yarn LONG=2048 NATIVE=1024 STEPS=2
+# DISTILL_WINDOWS=4.
 set -euo pipefail
 
 OUT=${OUT:-$PWD/out}
@@ -31,10 +32,16 @@ MODEL_ARGS=()
 [ -n "${MODEL:-}" ] && MODEL_ARGS=(--model "$MODEL")
 WINDOW_ARGS=()
 [ -n "${DISTILL_WINDOWS:-}" ] && WINDOW_ARGS=(--max-windows "$DISTILL_WINDOWS")
-# Stated explicitly, so that a model given by path (whose name is not the default's) gets the
-# same extension as the default model's defaults: YaRN ×4 from 8192.
-EXTENSION=(--ctx-size "$LONG" --rope-scaling yarn --rope-scale $((LONG / NATIVE))
-           --yarn-orig-ctx "$NATIVE")
+# YaRN ×4 from 8192, stated explicitly (stages scaling and yarn vary it).
+YARN_EXTENSION=(--ctx-size "$LONG" --rope-scaling yarn --rope-scale $((LONG / NATIVE))
+                --yarn-orig-ctx "$NATIVE")
+# The extension of the other stages: the default model's measured LongRoPE factors, or YaRN as
+# above with SCALING=yarn (a model without measured factors, such as the tiny smoke-test one).
+if [ "${SCALING:-longrope}" = yarn ]; then
+  EXTENSION=("${YARN_EXTENSION[@]}")
+else
+  EXTENSION=(--ctx-size "$LONG" --rope-scaling longrope)
+fi
 NEW_GATES=$OUT/SmolLM2-135M-Instruct-32k.safetensors
 LOCAL_GATES=$OUT/SmolLM2-135M-Instruct-32k-local8.safetensors
 SHIPPED_GATES=${SHIPPED_GATES:-gates/pretrained/SmolLM2-135M-Instruct.safetensors}
@@ -89,9 +96,18 @@ yarn_steps() {
     read -r name rest <<< "$setting"
     read -r -a flags <<< "$rest"
     step "yarn-$name" eval "${MODEL_ARGS[@]}" --gates "$SHIPPED_GATES" \
-      --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${EXTENSION[@]}" "${flags[@]}" \
+      --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${YARN_EXTENSION[@]}" "${flags[@]}" \
       --max-windows 3 --tasks context --json
   done
+}
+
+fit_rope() {
+  # Stage `fit-rope`: per-frequency RoPE factors fitted on the training novels (see
+  # benchmarks/fit_rope_factors.py), to $OUT/rope-factors.json; the shipped file is not touched.
+  echo "== fit-rope" >&2
+  python3 "$(dirname "$0")/fit_rope_factors.py" --model "${MODEL:-SmolLM2-135M-Instruct}" \
+    --books "$BOOKS" --out "$OUT/rope-factors.json" > "$OUT/fit-rope.md" 2> "$OUT/fit-rope.log"
+  cat "$OUT/fit-rope.md" >&2
 }
 
 distill() {
@@ -213,13 +229,14 @@ EOF
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(scaling yarn yarn-pairs distill eval32k eval8k local local-gates
-                                   local-gates-8k table)
+[ ${#stages[@]} -gt 0 ] || stages=(scaling yarn yarn-pairs fit-rope distill eval32k eval8k local
+                                   local-gates local-gates-8k table)
 for stage in "${stages[@]}"; do
   # `local` is a shell builtin, so its stage's function has another name.
   [ "$stage" = local ] && stage=local_windows
   [ "$stage" = local-gates ] && stage=local_gates
   [ "$stage" = local-gates-8k ] && stage=local_gates_8k
   [ "$stage" = yarn-pairs ] && stage=yarn_pairs
+  [ "$stage" = fit-rope ] && stage=fit_rope
   "$stage"
 done

@@ -44,6 +44,7 @@ from seer_cli.engine.generation import SamplingOptions, generate
 from seer_cli.engine.models import DEFAULT_MODEL
 from seer_cli.engine.runtime import Engine, EngineOptions
 from seer_cli.measure.evaluation import Evaluation
+from seer_cli.measure.harvest import Harvester
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 EXTENDED = 4096
@@ -640,6 +641,37 @@ def test_distilled_gates_record_their_scaling(tiny_folder, tmp_path):
     assert metadata["yarn_orig_ctx"] == CONTEXT
     assert yarn_knobs(metadata) == (1, 32, 1)
     assert metadata["harvest_minutes"] >= 0
+
+
+def test_distill_learns_the_attention_mass_when_asked(tiny_folder, tmp_path):
+    out = tmp_path / "mass.safetensors"
+    result = run("distill", "--model", str(tiny_folder / "tiny-llama"), "--data",
+                 str(tiny_folder / "long.txt"), "--data", str(tiny_folder / "long.txt"),
+                 "--seq-len", "600", "--steps", "2", "--batch-size", "1", "--target", "mass",
+                 "--out", str(out), "--device", "cpu", "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert load_gates(out)[0].metadata["target"] == "mass"
+    nonsense = run("distill", "--model", str(tiny_folder / "tiny-llama"), "--data",
+                   str(tiny_folder / "long.txt"), "--target", "sum", "--out",
+                   str(tmp_path / "x.safetensors"), "--device", "cpu")  # fmt: skip
+    assert "--target must be one of maxpool, mass, got 'sum'" in one_error_line(nonsense)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_harvested_mass_is_each_block_row_share_of_the_attention():
+    model, ids = tiny_model("llama"), random_ids(600)
+    with Harvester(model, 64, "mass") as harvester:
+        mass = harvester.window(ids).target  # [L, Hq, nb, nb]
+    with Harvester(model, 64) as harvester:
+        peak = harvester.window(ids).target
+    nb = block_count(600)
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    for target in (mass, peak):
+        torch.testing.assert_close(target.sum(-1), torch.ones(target.shape[:-1]))
+        assert (target[..., ~causal] == 0).all()
+    assert not torch.allclose(mass, peak, atol=1e-3)
+    # The first query block attends only to itself; in the mass map it holds everything.
+    torch.testing.assert_close(mass[..., 0, 0], torch.ones(mass.shape[:2]))
 
 
 def test_frequencies_cast_to_bfloat16_are_rebuilt_in_float32():

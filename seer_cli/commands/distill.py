@@ -38,6 +38,14 @@ def distill(
             "blocks beyond it.",
         ),
     ] = 0,
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="Block attention map the gates learn: maxpool (each block's peak probability, "
+            "SeerAttention's) or mass (each block's share of the attention).",
+        ),
+    ] = "maxpool",
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Held-out share of windows.")
     ] = 0.1,
@@ -71,6 +79,10 @@ def distill(
     _check_flags(out, steps, batch_size, seq_len, lr, val_fraction, overwrite, resume)
     if local_blocks < 0:
         raise SeerError(f"--local-blocks must be 0 or more, got {local_blocks}.")
+    from ..measure.harvest import TARGETS, Harvester
+
+    if target not in TARGETS:
+        raise SeerError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}.")
     context_settings = opt.context_settings(
         ctx_size, rope_scaling, rope_scale, yarn_orig_ctx, yarn_attn_factor, yarn_beta_fast,
         yarn_beta_slow,
@@ -91,7 +103,6 @@ def distill(
     from ..engine.identity import model_identity
     from ..engine.models import load_model, resolve_model
     from ..engine.runtime import model_shape, pick_device, pick_dtype
-    from ..measure.harvest import Harvester
     from ..progress import quiet_libraries
 
     quiet_libraries()
@@ -120,7 +131,7 @@ def distill(
         task = progress.add_task("harvest", total=len(windows), info="")
         harvested = []
         harvest_started = time.perf_counter()
-        with Harvester(loaded, hidden_size) as harvester:
+        with Harvester(loaded, hidden_size, target) as harvester:
             for ids in windows:
                 harvested.append(harvester.window(ids[None]))
                 progress.advance(task)
@@ -154,7 +165,8 @@ def distill(
     metrics = {f"val_{k}": v for k, v in validation.items()}
     config.metadata = {
         "seq_len": seq_len, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "warmup": warmup, "seed": seed, "local_blocks": local_blocks, "device": str(torch_device),
+        "warmup": warmup, "seed": seed, "local_blocks": local_blocks, "target": target,
+        "device": str(torch_device),
         "train_windows": len(train), "val_windows": len(val), **summary, **metrics,
         "minutes": round((time.perf_counter() - started) / 60, 2),
         "harvest_minutes": harvest_minutes, "peak_memory_gb": _peak_memory_gb(torch_device),

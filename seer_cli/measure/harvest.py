@@ -1,8 +1,10 @@
 """Harvesting what gate distillation learns from: one frozen, dense forward pass per window.
 
 An attention function registered as ``"seer_harvest"`` computes exact dense attention together
-with the max-pooled block attention map (``pooled_attention`` on a GPU, its reference on the
-CPU), while hooks pool each layer's pre-RoPE queries and keys.
+with the block attention map the gates learn: the max-pooled map of SeerAttention
+(``pooled_attention`` on a GPU, its reference on the CPU), or the attention mass of each block
+(``block_attention_mass``, the oracle that ``seer eval`` measures as oracle-mass); hooks pool
+each layer's pre-RoPE queries and keys.
 """
 
 import torch
@@ -11,9 +13,12 @@ from seer_gates.distill import HarvestedWindow
 from seer_kernels import pooled_attention, pooled_attention_reference
 from transformers import AttentionInterface
 
-from ..engine.attention import attention_kernel, block_rope, catch_pre_rope
+from ..engine.attention import attention_kernel, block_rope, catch_pre_rope, causal_attention
+from .selection import block_attention_mass
 
 HARVEST_NAME = "seer_harvest"
+# The block attention maps a harvest can take as the gates' target.
+TARGETS = ("maxpool", "mass")
 
 
 class Harvester:
@@ -21,9 +26,12 @@ class Harvester:
 
     Harvested tensors stay on the model's device, where training then reads them."""
 
-    def __init__(self, model, gate_hidden_size: int):
+    def __init__(self, model, gate_hidden_size: int, target: str = "maxpool"):
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}.")
         self.model = model
         self.gate_hidden_size = gate_hidden_size
+        self.target = target
         self._pooled: dict[tuple[int, str], torch.Tensor] = {}
         self._targets: dict[int, torch.Tensor] = {}
 
@@ -70,11 +78,17 @@ class Harvester:
 
 def harvest_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Dense causal attention that also hands the block attention map to the harvester."""
-    if attention_kernel(query.device) == "triton":
+    harvester = module.seer_harvester
+    if harvester.target == "mass":
+        out, target = (
+            causal_attention(query, key, value, scaling),
+            block_attention_mass(query, key, scaling),
+        )
+    elif attention_kernel(query.device) == "triton":
         out, target = pooled_attention(query, key, value, scaling)
     else:
         out, target = pooled_attention_reference(query, key, value, scaling)
-    module.seer_harvester.record_target(module.layer_idx, target)
+    harvester.record_target(module.layer_idx, target)
     return out.transpose(1, 2).contiguous(), None
 
 
