@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Long context on the default model (SmolLM2-135M-Instruct) on one GPU: gates distilled at 32768
-# tokens under YaRN ×4 (original 8192), then `seer eval` on the held-out novel (pg2641, never
-# seen by any gates) at 32768 tokens with the new and the shipped gates, and at the native 8192
-# tokens with both, so that one can tell whether one gate file serves both contexts.
+# tokens under the model's measured LongRoPE factors (stage fit-rope measures them), learning each
+# block's share of the attention (TARGET=maxpool: its peak), then `seer eval` on the held-out
+# novel (pg2641, never seen by any gates) at 32768 tokens with the new and the shipped native
+# gates, and at the native 8192 tokens with both. The new file is what ships as
+# gates/pretrained/SmolLM2-135M-Instruct-32k.safetensors, for prompts past the native context.
 #
 # Run from the repository root on the GPU machine, with the default model where `seer` finds
 # it (or MODEL=/path/to/model, passed as --model) and the novels in BOOKS (default
@@ -28,6 +30,7 @@ BOOKS=${BOOKS:-../shared/data/books}
 LONG=${LONG:-32768}
 NATIVE=${NATIVE:-8192}
 STEPS=${STEPS:-1000}
+TARGET=${TARGET:-mass}
 MODEL_ARGS=()
 [ -n "${MODEL:-}" ] && MODEL_ARGS=(--model "$MODEL")
 WINDOW_ARGS=()
@@ -44,6 +47,7 @@ else
 fi
 NEW_GATES=$OUT/SmolLM2-135M-Instruct-32k.safetensors
 LOCAL_GATES=$OUT/SmolLM2-135M-Instruct-32k-local8.safetensors
+# The shipped gates for the native context.
 SHIPPED_GATES=${SHIPPED_GATES:-gates/pretrained/SmolLM2-135M-Instruct.safetensors}
 THRESHOLDS=0.5,1,2
 mkdir -p "$OUT"
@@ -114,7 +118,7 @@ distill() {
   step distill distill "${MODEL_ARGS[@]}" \
     --data "$BOOKS/pg1342.txt" --data "$BOOKS/pg2701.txt" --data "$BOOKS/pg37106.txt" \
     --seq-len "$LONG" "${EXTENSION[@]}" --steps "$STEPS" --batch-size 8 "${WINDOW_ARGS[@]}" \
-    --out "$NEW_GATES" --overwrite
+    --target "$TARGET" --out "$NEW_GATES" --overwrite
 }
 
 eval32k() {
@@ -160,7 +164,7 @@ local_gates() {
   step distill-local8 distill "${MODEL_ARGS[@]}" \
     --data "$BOOKS/pg1342.txt" --data "$BOOKS/pg2701.txt" --data "$BOOKS/pg37106.txt" \
     --seq-len "$LONG" "${EXTENSION[@]}" --steps "$STEPS" --batch-size 8 "${WINDOW_ARGS[@]}" \
-    --local-blocks 8 --out "$LOCAL_GATES" --overwrite
+    --target "$TARGET" --local-blocks 8 --out "$LOCAL_GATES" --overwrite
   step local-gates eval "${MODEL_ARGS[@]}" --gates "$LOCAL_GATES" \
     --data "$BOOKS/pg2641.txt" --seq-len "$LONG" "${EXTENSION[@]}" --max-windows 3 \
     --sparsities 0.9,0.95,0.97 --thresholds '' --local-blocks 0,8 --tasks perplexity --json

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from seer_cli.app import app
-from seer_cli.engine import attention, runtime
+from seer_cli.engine import attention, identity, runtime
 from seer_cli.engine import context as context_module
 from seer_cli.engine.attention import SparsePrefill
 from seer_cli.engine.context import (
@@ -41,6 +41,7 @@ from seer_cli.engine.context import (
 )
 from seer_cli.engine.errors import SeerError
 from seer_cli.engine.generation import SamplingOptions, generate
+from seer_cli.engine.identity import model_identity
 from seer_cli.engine.models import DEFAULT_MODEL
 from seer_cli.engine.runtime import Engine, EngineOptions
 from seer_cli.measure.evaluation import Evaluation
@@ -472,16 +473,25 @@ def test_generate_says_it_read_measured_factors(tiny_folder, tiny_factors):
     )
 
 
-def test_default_gates_give_way_to_pooled_scores_past_the_native_context(tiny_folder, monkeypatch):
-    """For a model in POOLED_PAST_NATIVE, the default gates score prompts within the native
-    context; past it the pooled estimator does, without a local window; a --gates or
-    --local-blocks given keeps the gates everywhere."""
-    gate_file = str(tiny_folder / "gates.safetensors")
-    monkeypatch.setattr(runtime, "POOLED_PAST_NATIVE", {"tiny-llama"})
-    monkeypatch.setattr(runtime, "resolve_gate_path", lambda *args: gate_file)
+def test_shipped_gates_for_the_extended_context_score_prompts_past_the_native_one(
+    tiny_folder, tmp_path, monkeypatch
+):
+    """With two shipped files for a model, one distilled at the native context and one under a
+    scaled RoPE, --gates auto scores each prompt with the file for its context (told apart here
+    by the windows they name); --local-blocks overrides both windows; --gates FILE serves
+    everywhere; a model with the native file alone keeps it past the native context."""
+    model = tiny_model("llama")
+    files = {}
+    for name, local_blocks, scaling in (("native", 2, "none"), ("extended", 1, "yarn")):
+        config = gate_config(model, "tiny-llama")
+        config.metadata = {"model_identity": model_identity(model), "local_blocks": local_blocks,
+                           "rope_scaling": scaling}  # fmt: skip
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_gates(files[name], tiny_gates(model), config)
+    monkeypatch.setattr(identity, "shipped_gate_files", lambda: sorted(files.values()))
     long, short = ((tiny_folder / name).read_text() for name in ("long.txt", "short.txt"))
 
-    def scorings(*documents: str, **options) -> list[tuple]:
+    def windows(*documents: str, **options) -> list[tuple]:
         engine = Engine.load(EngineOptions(
             model=str(tiny_folder / "tiny-llama"), sparsity=0.5, sparse_min_tokens=0,
             device="cpu", context=ContextSettings(ctx_size=EXTENDED), **options,
@@ -493,13 +503,15 @@ def test_default_gates_give_way_to_pooled_scores_past_the_native_context(tiny_fo
             found.append((stats.rope_scaling, stats.scoring, stats.local_blocks))
         return found
 
-    assert scorings(long, short, long) == [
-        ("yarn", "pooled", 0),
-        ("none", "gates", 0),
-        ("yarn", "pooled", 0),
+    assert windows(long, short, long) == [
+        ("yarn", "gates", 1),
+        ("none", "gates", 2),
+        ("yarn", "gates", 1),
     ]
-    assert scorings(long, local_blocks=1) == [("yarn", "gates", 1)]
-    assert scorings(long, gates=gate_file) == [("yarn", "gates", 0)]
+    assert windows(long, short, local_blocks=3) == [("yarn", "gates", 3), ("none", "gates", 3)]
+    assert windows(long, gates=str(files["native"])) == [("yarn", "gates", 2)]
+    monkeypatch.setattr(identity, "shipped_gate_files", lambda: [files["native"]])
+    assert windows(long, short) == [("yarn", "gates", 2), ("none", "gates", 2)]
 
 
 def test_context_keys_in_the_config_file(tiny_folder, tmp_path, monkeypatch):

@@ -103,16 +103,29 @@ def recorded_base_model(path: Path) -> str:
     return read_gate_config(path).base_model
 
 
-def find_shipped_gates(model) -> tuple[Path | None, list[str]]:
+def find_shipped_gates(model, extended: bool = False) -> tuple[Path | None, list[str]]:
     """The shipped gate file trained on ``model``, if any, and a description of every shipped
-    file's model (for the message when none fits)."""
+    file's model (for the message when none fits). A model may have two: one distilled at its
+    native context and one under a scaled RoPE; ``extended`` asks for the second, for prompts
+    past the native context, and falls back to the first where there is none."""
     identity = model_identity(model)
-    described = []
+    ours, described = [], []
     for path in shipped_gate_files():
         recorded = recorded_identity(path)
         if recorded is None:
             continue
         if same_model(recorded, identity):
-            return path, []
-        described.append(f"{path.stem} ({describe(recorded)})")
-    return None, described
+            ours.append(path)
+        else:
+            described.append(f"{path.stem} ({describe(recorded)})")
+    if not ours:
+        return None, described
+    for_the_context = [path for path in ours if trained_extended(path) == extended]
+    return (for_the_context or ours)[0], []
+
+
+def trained_extended(path: Path) -> bool:
+    """Whether a gate file was distilled under a scaled RoPE (``seer distill --ctx-size``)."""
+    from seer_gates import read_gate_config
+
+    return read_gate_config(path).metadata.get("rope_scaling", "none") != "none"

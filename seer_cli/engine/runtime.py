@@ -6,7 +6,7 @@ from pathlib import Path
 from .context import ContextSettings, ModelContext
 from .errors import SeerError
 from .generation import GenerationResult, SamplingOptions, default_ubatch_size, generate
-from .identity import describe, find_shipped_gates, model_identity
+from .identity import describe, find_shipped_gates, model_identity, trained_extended
 from .models import load_model, resolve_model
 from .placement import Placement
 from .prompt import PromptTokens, build_prompt
@@ -14,12 +14,6 @@ from .prompt_cache import PromptCache
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-# Models whose shipped gates, trained at the native context without scaling, lose to the
-# training-free pooled estimator on prompts past it: there, unless --gates or --local-blocks is
-# given, top-k prefill scores with the estimator and no local window. SmolLM2 at 32768 tokens
-# under YaRN ×4, three windows of each of three novels, top-k 0.9: +0.1 / -0.4 / -0.1 %
-# perplexity over dense, against +2.3 / +2.0 / +4.1 % with the gates and their window (EVAL.md).
-POOLED_PAST_NATIVE = {"SmolLM2-135M-Instruct"}
 
 
 @dataclass
@@ -160,8 +154,9 @@ class Engine:
             model.set_attn_implementation(ATTENTION_NAME)
         engine = cls(model, tokenizer, source.name, sparse_prefill, context)
         engine.ubatch_size = options.ubatch_size
-        if sparse_prefill is not None and _pooled_past_native(options, context):
-            engine.scorings[True] = (None, replace(sparse_prefill.policy, local_blocks=0))
+        if sparse_prefill is not None and options.gates == "auto":
+            extended = _shipped_extended_scoring(options, model, source.name, device, policy)
+            engine.scorings[True] = extended or engine.scorings[True]
         return engine
 
     @property
@@ -221,15 +216,17 @@ class Engine:
         return result
 
 
-def _pooled_past_native(options: EngineOptions, context: ModelContext) -> bool:
-    """Whether prompts past the native context switch to the pooled estimator
-    (``POOLED_PAST_NATIVE``): the shipped gates in top-k mode, no window asked for."""
-    return (
-        context.known_name in POOLED_PAST_NATIVE
-        and options.gates == "auto"
-        and options.local_blocks is None
-        and options.sparsity is not None
-    )
+def _shipped_extended_scoring(options: EngineOptions, model, model_name: str, device, policy):
+    """``(gates, policy)`` for prompts past the native context under ``--gates auto``: the
+    shipped gates distilled under a scaled RoPE with the window they name (unless
+    ``--local-blocks`` says otherwise); None where the model ships no such file."""
+    path = resolve_gate_path("auto", model, model_name, extended=True)
+    if not trained_extended(Path(path)):
+        return None
+    config, gates = load_model_gates(path, model, model_name, device)
+    if options.local_blocks is None:
+        policy = replace(policy, local_blocks=config.local_blocks)
+    return gates, policy
 
 
 def check_ubatch_size(ubatch_size: int) -> None:
@@ -246,15 +243,16 @@ def check_gate_option(gates: str) -> None:
         raise SeerError(f"gate file {gates} does not exist.")
 
 
-def resolve_gate_path(gates: str, model, model_name: str) -> str | None:
+def resolve_gate_path(gates: str, model, model_name: str, extended: bool = False) -> str | None:
     """The gate file for ``--gates`` on a loaded model; None means the training-free pooled
-    estimator. ``auto`` picks the shipped file whose recorded model identity is this model's."""
+    estimator. ``auto`` picks the shipped file whose recorded model identity is this model's
+    (with ``extended``, the one for prompts past the native context, where it has one)."""
     if gates == "pooled":
         return None
     if gates != "auto":
         check_gate_option(gates)
         return gates
-    path, shipped = find_shipped_gates(model)
+    path, shipped = find_shipped_gates(model, extended)
     if path is None:
         ours = describe(model_identity(model))
         theirs = "; ".join(shipped) or "none"
