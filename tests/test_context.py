@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from seer_cli.app import app
-from seer_cli.engine import attention, identity, runtime
+from seer_cli.engine import attention, identity
 from seer_cli.engine import context as context_module
 from seer_cli.engine.attention import SparsePrefill
 from seer_cli.engine.context import (
