@@ -37,14 +37,14 @@ HAS_GPU = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))"
 
 test: install
 	@if [ "$(HAS_GPU)" = "1" ]; then \
-		$(PY) -m pytest -q; \
+		$(VENV)/bin/pytest -q; \
 	else \
-		TRITON_INTERPRET=1 $(PY) -m pytest -q; \
+		TRITON_INTERPRET=1 $(VENV)/bin/pytest -q; \
 	fi
 
 test-gpu: install
 	@[ "$(HAS_GPU)" = "1" ] || { echo "make test-gpu needs a CUDA GPU" >&2; exit 1; }
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 lint: install
 	$(PY) -m ruff check seer_cli kernels gates tests benchmarks

@@ -4,6 +4,7 @@
 after the device has finished its work.
 """
 
+import inspect
 import itertools
 import resource
 import sys
@@ -190,8 +191,8 @@ def prefill(
     try:
         for start, end in bounds:
             out = model(
-                input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True,
-                logits_to_keep=1, **extra,
+                input_ids=input_ids[:, start:end], **{cache_argument(model): cache},
+                use_cache=True, logits_to_keep=1, **extra,
             )  # fmt: skip
     finally:
         for hook in hooks:
@@ -203,7 +204,15 @@ def prefill(
 def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
     """One decode step: token [b, 1] → logits [b, vocab]."""
     with sdpa_kernel(DECODE_ATTENTION):
-        return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        out = model(input_ids=token, **{cache_argument(model): cache}, use_cache=True)
+    return out.logits[:, -1]
+
+
+def cache_argument(model) -> str:
+    """The name a model's forward takes its cache under: ``cache`` since transformers 5.25
+    (which warns about the older ``past_key_values``), ``past_key_values`` before."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 class _Sampler:

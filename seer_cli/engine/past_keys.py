@@ -28,7 +28,8 @@ class PastKeys:
         self._hook.remove()
 
     def _note_cache(self, module, args, kwargs) -> None:
-        cache = kwargs.get("past_key_values")
+        # transformers 5.25 renamed the argument.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self._cache = None if cache is None else weakref.ref(cache)
 
     def extend(self, layer_idx: int, new_keys: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
