@@ -8,7 +8,9 @@ if ! python3 -c 'import seer_cli, seer_gates, seer_kernels' 2>/dev/null; then
   ln -sfn "$PWD/seer_cli" /tmp/pkgs/seer_cli
   export PYTHONPATH=/tmp/pkgs${PYTHONPATH:+:$PYTHONPATH}
 fi
-seer() { python3 -c 'import sys; from seer_cli.app import main; sys.argv[0] = "seer"; main()' "$@"; }
+# -P: the checkout's own folder stays off sys.path, where kernels/ would shadow the kernels
+# package that transformers imports.
+seer() { python3 -P -c 'import sys; from seer_cli.app import main; sys.argv[0] = "seer"; main()' "$@"; }
 
 # timed_step NAME FILE ARGS...: `seer ARGS`, its stdout to FILE and its stderr to $OUT/NAME.log,
 # with its wall time on stderr; on failure the log's tail, and status 1.
