@@ -183,16 +183,16 @@ def test_the_default_model_ships_factors_for_its_extended_context():
     assert measured_factors("tiny") is None
 
 
-def test_measured_factors_are_the_default_where_they_serve_the_model():
+def test_yarn_is_the_default_and_the_measured_factors_run_when_asked():
     config = shipped_default_model_config()
-    scaling = plan_context(config, DEFAULT_MODEL, ContextSettings()).scaling
-    assert scaling == RopeScaling("longrope", 4.0, 8192, factors=measured_factors(DEFAULT_MODEL))
-    assert str(scaling) == "LongRoPE ×4, factors measured for the model"
-    # Past the factors' context, or with a YaRN setting given, YaRN as before.
-    longer = plan_context(config, DEFAULT_MODEL, ContextSettings(ctx_size=65536)).scaling
-    assert longer == RopeScaling("yarn", 8.0, 8192, beta_fast=128, beta_slow=2)
-    for settings in (ContextSettings(rope_scale=4), ContextSettings(yarn_beta_fast=64)):
-        assert plan_context(config, DEFAULT_MODEL, settings).scaling.kind == "yarn"
+    default = plan_context(config, DEFAULT_MODEL, ContextSettings()).scaling
+    assert default == RopeScaling("yarn", 4.0, 8192, beta_fast=128, beta_slow=2)
+    asked = plan_context(config, DEFAULT_MODEL, ContextSettings(rope_scaling="longrope")).scaling
+    assert asked == RopeScaling("longrope", 4.0, 8192, factors=measured_factors(DEFAULT_MODEL))
+    assert str(asked) == "LongRoPE ×4, factors measured for the model"
+    # Past the factors' context they do not serve.
+    with pytest.raises(SeerError, match="serve 8192-token models up to 32768 tokens"):
+        plan_context(config, DEFAULT_MODEL, ContextSettings(65536, rope_scaling="longrope"))
 
 
 TINY_FACTORS = MeasuredFactors(
@@ -207,6 +207,9 @@ LONGROPE = {
 }
 
 
+LONGROPE_SETTINGS = ContextSettings(EXTENDED, rope_scaling="longrope")
+
+
 @pytest.fixture
 def tiny_factors(monkeypatch):
     monkeypatch.setattr(context_module, "measured_factors", lambda name: TINY_FACTORS)
@@ -215,7 +218,7 @@ def tiny_factors(monkeypatch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_long_prompts_run_transformers_own_longrope(family, tiny_factors):
     model = tiny_model(family)
-    context = ModelContext(model, "tiny", ContextSettings(EXTENDED))
+    context = ModelContext(model, "tiny", LONGROPE_SETTINGS)
     long_ids, short_ids = random_ids(1500), random_ids(300)
     unscaled = logits_of(model, short_ids)
     assert context.apply(1500).kind == "longrope"
@@ -230,7 +233,7 @@ def test_longrope_tables_do_not_depend_on_the_positions_asked_for(tiny_factors):
     # Chunks of a long prompt and the gates' block positions start below the original context:
     # they must get the same frequencies as the rest of the prompt.
     model = tiny_model("llama")
-    ModelContext(model, "tiny", ContextSettings(EXTENDED)).apply(2000)
+    ModelContext(model, "tiny", LONGROPE_SETTINGS).apply(2000)
     rotary, x = model.model.rotary_emb, torch.zeros(1, 1, 8)
     positions = torch.arange(2000)[None]
     whole_cos, _ = rotary(x, positions)
@@ -240,7 +243,7 @@ def test_longrope_tables_do_not_depend_on_the_positions_asked_for(tiny_factors):
 
 def test_gate_block_rope_reads_the_measured_factors_at_its_width(tiny_factors):
     model = tiny_model("llama")
-    ModelContext(model, "tiny", ContextSettings(EXTENDED)).apply(2000)
+    ModelContext(model, "tiny", LONGROPE_SETTINGS).apply(2000)
     nb = block_count(2000)
     # At the model's own width the gates' tables are the model's, at block positions.
     positions = (torch.arange(nb) * 64)[None]
@@ -459,7 +462,9 @@ def test_generate_says_which_rope_it_used(tiny_folder):
 
 
 def test_generate_says_it_read_measured_factors(tiny_folder, tiny_factors):
-    result = run(*generate_args(tiny_folder, "long.txt", "--ctx-size", "4096", "--json"))
+    args = generate_args(tiny_folder, "long.txt", "--ctx-size", "4096", "--rope-scaling")
+    args = [*args, "longrope"]
+    result = run(*args, "--json")
     assert result.exit_code == 0, result.stderr
     stats = json.loads(result.stdout)
     assert (stats["rope_scaling"], stats["rope_scale"], stats["yarn_orig_ctx"]) == (
@@ -467,7 +472,7 @@ def test_generate_says_it_read_measured_factors(tiny_folder, tiny_factors):
         4.0,
         None,
     )
-    result = run(*generate_args(tiny_folder, "long.txt", "--ctx-size", "4096"))
+    result = run(*args)
     assert "RoPE LongRoPE ×4, factors measured for the model (past the native 1024)" in (
         ANSI.sub("", result.stderr)
     )
@@ -478,8 +483,9 @@ def test_shipped_gates_for_the_extended_context_score_prompts_past_the_native_on
 ):
     """With two shipped files for a model, one distilled at the native context and one under a
     scaled RoPE, --gates auto scores each prompt with the file for its context (told apart here
-    by the windows they name); --local-blocks overrides both windows; --gates FILE serves
-    everywhere; a model with the native file alone keeps it past the native context."""
+    by the windows they name) if the prompt runs under the extension that file was distilled
+    under, else the training-free estimator; --local-blocks overrides every window; --gates FILE
+    serves everywhere."""
     model = tiny_model("llama")
     files = {}
     for name, local_blocks, scaling in (("native", 2, "none"), ("extended", 1, "yarn")):
@@ -491,10 +497,11 @@ def test_shipped_gates_for_the_extended_context_score_prompts_past_the_native_on
     monkeypatch.setattr(identity, "shipped_gate_files", lambda: sorted(files.values()))
     long, short = ((tiny_folder / name).read_text() for name in ("long.txt", "short.txt"))
 
-    def windows(*documents: str, **options) -> list[tuple]:
+    def windows(*documents: str, rope_scaling=None, **options) -> list[tuple]:
+        context = ContextSettings(ctx_size=EXTENDED, rope_scaling=rope_scaling)
         engine = Engine.load(EngineOptions(
             model=str(tiny_folder / "tiny-llama"), sparsity=0.5, sparse_min_tokens=0,
-            device="cpu", context=ContextSettings(ctx_size=EXTENDED), **options,
+            device="cpu", context=context, **options,
         ))  # fmt: skip
         found = []
         for document in documents:
@@ -510,8 +517,14 @@ def test_shipped_gates_for_the_extended_context_score_prompts_past_the_native_on
     ]
     assert windows(long, short, local_blocks=3) == [("yarn", "gates", 3), ("none", "gates", 3)]
     assert windows(long, gates=str(files["native"])) == [("yarn", "gates", 2)]
+    # Without a file distilled under the prompt's extension, the training-free estimator.
+    assert windows(long, short, rope_scaling="linear") == [
+        ("linear", "pooled", 0),
+        ("none", "gates", 2),
+    ]
     monkeypatch.setattr(identity, "shipped_gate_files", lambda: [files["native"]])
-    assert windows(long, short) == [("yarn", "gates", 2), ("none", "gates", 2)]
+    assert windows(long, short) == [("yarn", "pooled", 0), ("none", "gates", 2)]
+    assert windows(long, local_blocks=3) == [("yarn", "pooled", 3)]
 
 
 def test_context_keys_in_the_config_file(tiny_folder, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from seer_cli.engine.identity import (
     model_identity,
     same_model,
     shipped_gate_files,
-    trained_extended,
+    trained_rope_scaling,
 )
 from seer_cli.engine.models import DEFAULT_MODEL, default_model_source
 from seer_cli.engine.runtime import model_shape
@@ -77,7 +77,7 @@ def test_every_shipped_gate_file_records_its_model():
 def test_the_default_models_shipped_gates_run_with_a_local_window_of_8():
     [path] = [path for path in shipped_gate_files() if path.stem == DEFAULT_MODEL]
     assert read_gate_config(path).local_blocks == 8
-    assert not trained_extended(path)
+    assert trained_rope_scaling(path) == "none"
 
 
 def test_the_default_model_ships_gates_distilled_for_its_extended_context():
@@ -85,8 +85,8 @@ def test_the_default_model_ships_gates_distilled_for_its_extended_context():
     mass, without a window; --gates auto picks them for prompts past the native context."""
     [path] = [path for path in shipped_gate_files() if path.stem == f"{DEFAULT_MODEL}-32k"]
     config = read_gate_config(path)
-    assert trained_extended(path) and config.base_model == DEFAULT_MODEL
-    assert (config.metadata["seq_len"], config.metadata["rope_scaling"]) == (32768, "longrope")
+    assert trained_rope_scaling(path) == "longrope" and config.base_model == DEFAULT_MODEL
+    assert config.metadata["seq_len"] == 32768
     assert (config.metadata["target"], config.local_blocks) == ("mass", 0)
 
 

@@ -103,11 +103,11 @@ def recorded_base_model(path: Path) -> str:
     return read_gate_config(path).base_model
 
 
-def find_shipped_gates(model, extended: bool = False) -> tuple[Path | None, list[str]]:
+def find_shipped_gates(model, rope_scaling: str = "none") -> tuple[Path | None, list[str]]:
     """The shipped gate file trained on ``model``, if any, and a description of every shipped
-    file's model (for the message when none fits). A model may have two: one distilled at its
-    native context and one under a scaled RoPE; ``extended`` asks for the second, for prompts
-    past the native context, and falls back to the first where there is none."""
+    file's model (for the message when none fits). A model may have several, distilled under
+    different RoPEs: ``rope_scaling`` (``none`` for prompts within the native context, else the
+    extension's kind) picks the file distilled under it, falling back to the first."""
     identity = model_identity(model)
     ours, described = [], []
     for path in shipped_gate_files():
@@ -120,12 +120,13 @@ def find_shipped_gates(model, extended: bool = False) -> tuple[Path | None, list
             described.append(f"{path.stem} ({describe(recorded)})")
     if not ours:
         return None, described
-    for_the_context = [path for path in ours if trained_extended(path) == extended]
-    return (for_the_context or ours)[0], []
+    for_the_rope = [path for path in ours if trained_rope_scaling(path) == rope_scaling]
+    return (for_the_rope or ours)[0], []
 
 
-def trained_extended(path: Path) -> bool:
-    """Whether a gate file was distilled under a scaled RoPE (``seer distill --ctx-size``)."""
+def trained_rope_scaling(path: Path) -> str:
+    """The RoPE a gate file was distilled under: ``none`` (the native context) or the
+    extension's kind (``seer distill --ctx-size``)."""
     from seer_gates import read_gate_config
 
-    return read_gate_config(path).metadata.get("rope_scaling", "none") != "none"
+    return read_gate_config(path).metadata.get("rope_scaling", "none")

@@ -6,7 +6,7 @@ from pathlib import Path
 from .context import ContextSettings, ModelContext
 from .errors import SeerError
 from .generation import GenerationResult, SamplingOptions, default_ubatch_size, generate
-from .identity import describe, find_shipped_gates, model_identity, trained_extended
+from .identity import describe, find_shipped_gates, model_identity, trained_rope_scaling
 from .models import load_model, resolve_model
 from .placement import Placement
 from .prompt import PromptTokens, build_prompt
@@ -155,7 +155,7 @@ class Engine:
         engine = cls(model, tokenizer, source.name, sparse_prefill, context)
         engine.ubatch_size = options.ubatch_size
         if sparse_prefill is not None and options.gates == "auto":
-            extended = _shipped_extended_scoring(options, model, source.name, device, policy)
+            extended = _shipped_extended_scoring(options, context, source.name, device, policy)
             engine.scorings[True] = extended or engine.scorings[True]
         return engine
 
@@ -216,13 +216,20 @@ class Engine:
         return result
 
 
-def _shipped_extended_scoring(options: EngineOptions, model, model_name: str, device, policy):
+def _shipped_extended_scoring(
+    options: EngineOptions, context: ModelContext, model_name: str, device, policy
+):
     """``(gates, policy)`` for prompts past the native context under ``--gates auto``: the
-    shipped gates distilled under a scaled RoPE with the window they name (unless
-    ``--local-blocks`` says otherwise); None where the model ships no such file."""
-    path = resolve_gate_path("auto", model, model_name, extended=True)
-    if not trained_extended(Path(path)):
+    shipped gates distilled under the context's RoPE extension with the window they name, or,
+    where the model ships none for it, the training-free estimator without a window (past the
+    native context it beats gates distilled within it at sparsity 0.95 and 0.97: EVAL.md);
+    ``--local-blocks`` given overrides either window. None where the context is not extended."""
+    model, scaling = context.model, context.plan.scaling
+    if scaling is None:
         return None
+    path = resolve_gate_path("auto", model, model_name, rope_scaling=scaling.kind)
+    if trained_rope_scaling(Path(path)) != scaling.kind:
+        return None, replace(policy, local_blocks=options.local_blocks or 0)
     config, gates = load_model_gates(path, model, model_name, device)
     if options.local_blocks is None:
         policy = replace(policy, local_blocks=config.local_blocks)
@@ -243,16 +250,16 @@ def check_gate_option(gates: str) -> None:
         raise SeerError(f"gate file {gates} does not exist.")
 
 
-def resolve_gate_path(gates: str, model, model_name: str, extended: bool = False) -> str | None:
+def resolve_gate_path(gates: str, model, model_name: str, rope_scaling: str = "none") -> str | None:
     """The gate file for ``--gates`` on a loaded model; None means the training-free pooled
-    estimator. ``auto`` picks the shipped file whose recorded model identity is this model's
-    (with ``extended``, the one for prompts past the native context, where it has one)."""
+    estimator. ``auto`` picks the shipped file whose recorded model identity is this model's,
+    distilled under ``rope_scaling`` where it has several (``find_shipped_gates``)."""
     if gates == "pooled":
         return None
     if gates != "auto":
         check_gate_option(gates)
         return gates
-    path, shipped = find_shipped_gates(model, extended)
+    path, shipped = find_shipped_gates(model, rope_scaling)
     if path is None:
         ours = describe(model_identity(model))
         theirs = "; ".join(shipped) or "none"
