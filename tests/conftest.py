@@ -7,6 +7,10 @@ import pytest
 import torch
 from seer_kernels import interpreting
 
+# Tests start `python -c` subprocesses from the checkout's root; without this, that folder comes
+# first on their sys.path and its kernels/ shadows the kernels package transformers imports.
+os.environ.setdefault("PYTHONSAFEPATH", "1")
+
 # A public-domain novel's opening chapters (tests/data/README.md names the source).
 BOOK = Path(__file__).resolve().parent / "data" / "a-room-with-a-view.txt"
 
