@@ -6,8 +6,8 @@ Perplexity measures how well a scaled RoPE continues a book; a chat user needs m
 document of N tokens and an instruction, the model must start an answer rather than end its
 turn at once. For each book, instruction, length (prompt plus answer room, ``--truncate end``
 style: the document's last tokens) and RoPE extension (``--rope-scaling`` values), one greedy
-``Engine.generate`` of ``--max-tokens`` tokens, dense and at each ``--sparsities`` value with
-the shipped gates (``--gates auto``, as ``seer generate`` runs). Prints a markdown table: the
+``Engine.generate`` of ``--max-tokens`` tokens, dense and/or at each ``--sparsities`` value
+with ``--gates auto``, as ``seer generate`` runs. Prints a markdown table: the
 share of prompts answered (at least one token before the end of the turn) and the mean answer
 length, per extension, length and sparsity; ``--json`` writes every answer.
 """
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--books", default="../shared/data/books")
     parser.add_argument("--lengths", default="16384,32768")
     parser.add_argument("--scalings", default="longrope,yarn")
-    parser.add_argument("--sparsities", default="0.9", help="'' for dense only")
+    parser.add_argument("--sparsities", default="dense,0.9", help="'dense' or a top-k sparsity")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--json", help="write every answer here")
     args = parser.parse_args()
@@ -60,7 +60,7 @@ def main() -> None:
         path.stem: read_document(str(path)).text
         for path in sorted(pathlib.Path(args.books).glob("*.txt"))
     }
-    policies = [None] + [float(s) for s in args.sparsities.split(",") if s]
+    policies = [None if s == "dense" else float(s) for s in args.sparsities.split(",")]
     records = []
     for scaling in args.scalings.split(","):
         for sparsity in policies:
