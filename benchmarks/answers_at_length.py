@@ -4,8 +4,8 @@
 
 Perplexity measures how well a scaled RoPE continues a book; a chat user needs more: after a
 document of N tokens and an instruction, the model must start an answer rather than end its
-turn at once. For each book, instruction, length (prompt plus answer room, ``--truncate end``
-style: the document's last tokens) and RoPE extension (``--rope-scaling`` values), one greedy
+turn at once. For each book, instruction, length (prompt plus answer room; ``--truncate end``
+style: the document's first tokens) and RoPE extension (``--rope-scaling`` values), one greedy
 ``Engine.generate`` of ``--max-tokens`` tokens, dense and/or at each ``--sparsities`` value
 with ``--gates auto``, as ``seer generate`` runs. Prints a markdown table: the
 share of prompts answered (at least one token before the end of the turn) and the mean answer

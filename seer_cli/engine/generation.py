@@ -4,6 +4,7 @@
 after the device has finished its work.
 """
 
+import functools
 import inspect
 import itertools
 import resource
@@ -211,7 +212,13 @@ def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
 def cache_argument(model) -> str:
     """The name a model's forward takes its cache under: ``cache`` since transformers 5.25
     (which warns about the older ``past_key_values``), ``past_key_values`` before."""
-    parameters = inspect.signature(model.forward).parameters
+    return _cache_argument_of(type(model))
+
+
+@functools.cache
+def _cache_argument_of(model_class) -> str:
+    # Read once per class: decode asks on every token.
+    parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
