@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from seer_cli.engine.context import MEASURED_YARN_BETAS, ContextSettings, ModelContext  # noqa: E402
-from seer_cli.engine.data import token_windows  # noqa: E402
-from seer_cli.engine.models import resolve_model  # noqa: E402
+from seer_cli.engine.context import MEASURED_YARN_BETAS, ContextSettings, ModelContext
+from seer_cli.engine.data import token_windows
+from seer_cli.engine.models import resolve_model
 
 MODEL = "SmolLM2-135M-Instruct"
 TRAIN_BOOKS, HELD_OUT_BOOK = ("pg1342", "pg2701", "pg37106"), "pg2641"
