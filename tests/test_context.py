@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -227,6 +228,21 @@ def test_long_prompts_run_transformers_own_longrope(family, tiny_factors):
     torch.testing.assert_close(logits_of(model, long_ids), expected)
     assert context.apply(300) is None
     torch.testing.assert_close(logits_of(model, short_ids), unscaled, rtol=0, atol=0)
+
+
+def test_a_rescaled_context_runs_the_new_scaling(tiny_factors):
+    # benchmarks/longrope_attention_factor.py compares variants of the extension on one model.
+    model = tiny_model("llama")
+    context = ModelContext(model, "tiny", LONGROPE_SETTINGS)
+    long_ids = random_ids(1500)
+    context.apply(1500)
+    measured = logits_of(model, long_ids)
+    scaling = context.plan.scaling
+    context.rescale(replace(scaling, factors=replace(scaling.factors, attention_factor=1.2)))
+    assert context.apply(1500).factors.attention_factor == 1.2
+    expected = logits_of(reference_model(model, {**LONGROPE, "attention_factor": 1.2}), long_ids)
+    torch.testing.assert_close(logits_of(model, long_ids), expected)
+    assert not torch.allclose(logits_of(model, long_ids), measured)
 
 
 def test_longrope_tables_do_not_depend_on_the_positions_asked_for(tiny_factors):

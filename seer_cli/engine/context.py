@@ -20,7 +20,7 @@ import copy
 import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 from .errors import SeerError
@@ -347,6 +347,12 @@ class ModelContext:
         if scaling not in (None, self.plan.scaling):
             raise ValueError(f"{scaling} is not this context's scaling ({self.plan.scaling}).")
         self.model.model.rotary_emb = self._native if scaling is None else self._scaled_rotary()
+
+    def rescale(self, scaling: RopeScaling) -> None:
+        """Make ``scaling`` the extension of longer sequences (to compare variants of it on one
+        loaded model); installed by the next ``apply`` or ``use``."""
+        self.plan = replace(self.plan, scaling=scaling)
+        self._scaled = None
 
     def _scaled_rotary(self):
         if self._scaled is None:
