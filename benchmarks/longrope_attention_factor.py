@@ -17,6 +17,7 @@ measured one and YaRN's, 0.1·ln(scale) + 1), with the measured per-frequency fa
 import argparse
 import math
 import pathlib
+import sys
 import time
 from dataclasses import replace
 
@@ -90,7 +91,7 @@ def main() -> None:
             answers.append(result.stats.predicted_n > 0)
             seconds = time.perf_counter() - started
             print(f"{attention:g} {book} {instruction!r}: {result.stats.predicted_n} tokens "
-                  f"{result.text!r} ({seconds:.0f} s)", flush=True)  # fmt: skip
+                  f"{result.text!r} ({seconds:.0f} s)", file=sys.stderr)  # fmt: skip
         value = "—"
         if held_out:
             rope = FittedRope(plain.model.rotary_emb.inv_freq.clone(),
