@@ -348,6 +348,23 @@ def test_json_holds_every_table(tiny_setup):
     assert all(0 <= row["accuracy"] <= 1 and len(row["answers"]) == 1 for row in passkey)
 
 
+def test_estimators_choose_the_perplexity_rows(tiny_setup):
+    result = small_run(
+        tiny_setup, "--json", "--tasks", "perplexity", "--estimators", "pooled,gates",
+        "--local-blocks", "0,2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    policies = [row["policy"] for row in json.loads(result.stdout)["perplexity"]]
+    # Listed in the table's usual order, the gates' thresholds last.
+    assert policies == ["dense"] + ["gates", "gates+local2", "pooled", "pooled+local2"] * 2 + [
+        "gates"
+    ]
+    result = small_run(tiny_setup, "--json", "--tasks", "perplexity", "--estimators", "sink+local")
+    assert result.exit_code == 0, result.stderr
+    policies = [row["policy"] for row in json.loads(result.stdout)["perplexity"]]
+    assert policies == ["dense", "sink+local", "sink+local"]
+
+
 def test_markdown_tables_on_stdout_and_notes_on_stderr(tiny_setup):
     result = small_run(tiny_setup, "--tasks", "perplexity,passkey")
     assert result.exit_code == 0, result.stderr
@@ -369,6 +386,8 @@ BAD_INPUT = [
     (["--local-blocks", ""], ["--local-blocks", "at least one"]),
     (["--depths", "1.5"], ["--depths", "[0, 1]"]),
     (["--tasks", "speed"], ["--tasks", "perplexity, recall, passkey"]),
+    (["--estimators", "oracle-maxpool"], ["--estimators", "gates, oracle-mass, pooled"]),
+    (["--estimators", ","], ["--estimators", "sink+local"]),
     (["--seq-len", "64"], ["--seq-len", "at least 128"]),
     (["--seq-len", str(CONTEXT + 64)], ["--seq-len", f"context of tiny-llama ({CONTEXT}"]),
     (["--seq-len", "1024"], ["0 windows of 1024 tokens", "at least 1 is needed"]),

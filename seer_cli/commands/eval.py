@@ -31,6 +31,7 @@ import typer
 from .. import options as opt
 from ..console import handle_user_errors, stderr, write_product
 from ..engine.errors import SeerError
+from ..measure.estimators import ESTIMATORS, PERPLEXITY_ESTIMATORS
 
 if TYPE_CHECKING:
     from ..measure.evaluation import EvalReport
@@ -71,6 +72,14 @@ def evaluate(
             "(perplexity).",
         ),
     ] = "0.5,1,2",
+    estimators: Annotated[
+        str | None,
+        typer.Option(
+            "--estimators",
+            help="Comma-separated block selections for the perplexity task: gates, oracle-mass, "
+            "pooled, sink+local (default: all).",
+        ),
+    ] = None,
     local_blocks: Annotated[
         str,
         typer.Option(
@@ -123,7 +132,8 @@ def evaluate(
     quiet: opt.Quiet = False,
 ) -> None:
     """Measure sparse prefill against dense attention: perplexity, attention recall, passkey."""
-    chosen = _tasks(tasks)
+    chosen = _choice("--tasks", tasks, TASKS)
+    estimator_list = _choice("--estimators", estimators, PERPLEXITY_ESTIMATORS)
     context_settings = opt.context_settings(
         ctx_size, rope_scaling, rope_scale, yarn_orig_ctx, yarn_attn_factor, yarn_beta_fast,
         yarn_beta_slow,
@@ -192,7 +202,7 @@ def evaluate(
             report.context = evaluation.context_baseline(tracker("context"))
         if "perplexity" in chosen:
             report.perplexity = evaluation.perplexity(
-                sparsity_list, threshold_list, tracker("perplexity"), local_list
+                sparsity_list, threshold_list, tracker("perplexity"), local_list, estimator_list
             )
         if "recall" in chosen:
             report.recall = evaluation.recall(sparsity_list, tracker("recall"))
@@ -210,14 +220,15 @@ def evaluate(
 # ---------------------------------------------------------------- flags
 
 
-def _tasks(text: str | None) -> list[str]:
+def _choice(flag: str, text: str | None, allowed: tuple[str, ...]) -> list[str]:
+    """Comma-separated names of ``allowed``, once each, at least one; None is all of them."""
     if text is None:
-        return list(TASKS)
+        return list(allowed)
     names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [name for name in names if name not in TASKS]
+    unknown = [name for name in names if name not in allowed]
     if unknown or not names:
         raise SeerError(
-            f"--tasks takes a comma-separated choice of {', '.join(TASKS)}, got {text!r}."
+            f"{flag} takes a comma-separated choice of {', '.join(allowed)}, got {text!r}."
         )
     return names
 
@@ -401,8 +412,6 @@ def _context_table(report: "EvalReport") -> str:
 
 
 def _recall_table(report: "EvalReport") -> str:
-    from ..measure.evaluation import ESTIMATORS
-
     header = ["sparsity", "achieved", *ESTIMATORS, "gates / oracle-maxpool"]
     rows = [
         [

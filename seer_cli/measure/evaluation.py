@@ -26,16 +26,10 @@ from seer_gates import MaskPolicy, block_count
 from ..engine.attention import SparsePrefill
 from ..engine.context import ContextSettings, ModelContext, RopeScaling
 from ..engine.generation import SamplingOptions, generate
+from .estimators import ESTIMATORS, LOCAL_ESTIMATORS, PERPLEXITY_ESTIMATORS
 from .passkey import ANSWER_TOKENS, PasskeyPrompt, passkey_answer, passkey_prompts
 from .selection import POST_ROPE_SCORES, RecallProbe, ScoredPrefill, attached, topk_sparsity
 
-# Where block scores come from. The oracles rank blocks by the true attention: the block-summed
-# probabilities ("mass", an upper bound on recall) or the max-pooled map the gates learn from.
-ESTIMATORS = ("gates", "oracle-mass", "oracle-maxpool", "pooled", "sink+local")
-# The max-pooled oracle would need a dense pass of its own inside every sparse layer.
-PERPLEXITY_ESTIMATORS = ("gates", "oracle-mass", "pooled", "sink+local")
-# The estimators that may keep a forced local window on top of their scores.
-LOCAL_ESTIMATORS = ("gates", "pooled")
 LM_HEAD_CHUNK = 1024
 
 Progress = Callable[[int, int], None]
@@ -125,17 +119,23 @@ class SparsePolicy:
 
 
 def perplexity_policies(
-    sparsities: list[float], thresholds: list[float], local_blocks: Sequence[int] = (0,)
+    sparsities: list[float],
+    thresholds: list[float],
+    local_blocks: Sequence[int] = (0,),
+    estimators: Sequence[str] = PERPLEXITY_ESTIMATORS,
 ) -> list[SparsePolicy]:
-    """Every perplexity estimator at each sparsity, those of ``LOCAL_ESTIMATORS`` once per
-    local window of ``local_blocks`` (0: none), then the gates at each threshold."""
+    """Each of ``estimators`` (of ``PERPLEXITY_ESTIMATORS``) at each sparsity, those of
+    ``LOCAL_ESTIMATORS`` once per local window of ``local_blocks`` (0: none), then the gates
+    (when among them) at each threshold."""
     policies = [
         SparsePolicy(estimator, MaskPolicy(sparsity=sparsity, local_blocks=local))
         for sparsity in sparsities
         for estimator in PERPLEXITY_ESTIMATORS
+        if estimator in estimators
         for local in (local_blocks if estimator in LOCAL_ESTIMATORS else (0,))
     ]
-    policies += [SparsePolicy("gates", MaskPolicy(threshold=t)) for t in thresholds]
+    if "gates" in estimators:
+        policies += [SparsePolicy("gates", MaskPolicy(threshold=t)) for t in thresholds]
     return policies
 
 
@@ -285,10 +285,11 @@ class Evaluation:
         thresholds: list[float],
         progress: Progress = _no_progress,
         local_blocks: Sequence[int] = (0,),
+        estimators: Sequence[str] = PERPLEXITY_ESTIMATORS,
     ) -> list[PerplexityRow]:
         """Dense first, then every policy of ``perplexity_policies``; Δ% relative to dense."""
         self.context.apply(self.seq_len)
-        policies = [None, *perplexity_policies(sparsities, thresholds, local_blocks)]
+        policies = [None, *perplexity_policies(sparsities, thresholds, local_blocks, estimators)]
         rows = []
         for done, policy in enumerate(policies, start=1):
             rows.append(self._perplexity_row(policy))
