@@ -145,8 +145,8 @@ RopeScaling = Annotated[
     typer.Option(
         "--rope-scaling",
         envvar="SEER_ROPE_SCALING",
-        help="RoPE scaling past the native context: none, linear, yarn (the default), or "
-        "longrope (factors seer measured for the model: lower perplexity, fewer answers).",
+        help="RoPE scaling past the native context: none, linear, yarn, or longrope (factors "
+        "seer measured for the model; the default where it has them, else yarn).",
     ),
 ]
 RopeScale = Annotated[

@@ -184,14 +184,22 @@ def test_the_default_model_ships_factors_for_its_extended_context():
     assert measured_factors("tiny") is None
 
 
-def test_yarn_is_the_default_and_the_measured_factors_run_when_asked():
+def test_measured_factors_are_the_default_where_they_serve_the_model():
     config = shipped_default_model_config()
     default = plan_context(config, DEFAULT_MODEL, ContextSettings()).scaling
-    assert default == RopeScaling("yarn", 4.0, 8192, beta_fast=128, beta_slow=2)
-    asked = plan_context(config, DEFAULT_MODEL, ContextSettings(rope_scaling="longrope")).scaling
-    assert asked == RopeScaling("longrope", 4.0, 8192, factors=measured_factors(DEFAULT_MODEL))
-    assert str(asked) == "LongRoPE ×4, factors measured for the model"
-    # Past the factors' context they do not serve.
+    assert default == RopeScaling("longrope", 4.0, 8192, factors=measured_factors(DEFAULT_MODEL))
+    assert str(default) == "LongRoPE ×4, factors measured for the model"
+    # Past the factors' context, or with a YaRN setting given, YaRN with the measured betas.
+    longer = plan_context(config, DEFAULT_MODEL, ContextSettings(ctx_size=65536)).scaling
+    assert longer == RopeScaling("yarn", 8.0, 8192, beta_fast=128, beta_slow=2)
+    for settings in (
+        ContextSettings(rope_scaling="yarn"),
+        ContextSettings(rope_scale=4),
+        ContextSettings(yarn_orig_ctx=8192),
+        ContextSettings(yarn_beta_fast=64),
+    ):
+        assert plan_context(config, DEFAULT_MODEL, settings).scaling.kind == "yarn"
+    # Asked for past the factors' context, they refuse.
     with pytest.raises(SeerError, match="serve 8192-token models up to 32768 tokens"):
         plan_context(config, DEFAULT_MODEL, ContextSettings(65536, rope_scaling="longrope"))
 

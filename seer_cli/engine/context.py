@@ -3,9 +3,10 @@
 The settings follow llama.cpp (``--ctx-size``, ``--rope-scaling none|linear|yarn``,
 ``--rope-scale``, ``--yarn-orig-ctx`` and YaRN's knobs ``--yarn-attn-factor``,
 ``--yarn-beta-fast``, ``--yarn-beta-slow``), plus ``--rope-scaling longrope``: per-frequency
-factors measured for a model (``rope_factors/<model>.json``, LongRoPE's form). YaRN is the
-default: the measured factors continue text better but end the model's answer before it starts
-more often (README, Long context). The scaling itself is transformers' own rope types
+factors measured for a model (``rope_factors/<model>.json``, LongRoPE's form), the default
+where they serve the model and context and no YaRN setting is given (else YaRN): on the default
+model they continue a held-out novel better than any YaRN setting tried (README, Long context).
+The scaling itself is transformers' own rope types
 (``rope_parameters`` with ``rope_type`` linear, yarn or longrope), built into a second rotary
 module of the model's own class. A sequence that fits the native context runs with the model's
 RoPE, unscaled; a longer one, up to the context size, with the scaled module, which stays in
@@ -253,7 +254,8 @@ def plan_context(config, model_name: str, settings: ContextSettings) -> ContextP
         size = EXTENDED_CONTEXT.get(model_name, native)
     if size <= native:
         return ContextPlan(native, size, None)
-    kind = settings.rope_scaling or "yarn"
+    factors = measured_factors(model_name)
+    kind = settings.rope_scaling or _default_scaling(settings, factors, config, size)
     if kind == "none":
         raise SeerError(
             f"--ctx-size {size} is longer than the native context of {model_name} ({native} "
@@ -266,7 +268,6 @@ def plan_context(config, model_name: str, settings: ContextSettings) -> ContextP
             f"RoPE, so --ctx-size can be at most {native}."
         )
     if kind == "longrope":
-        factors = measured_factors(model_name)
         return ContextPlan(native, size, _longrope(factors, config, model_name, size))
     original = settings.yarn_orig_ctx or native
     if original > native:
@@ -290,6 +291,16 @@ def plan_context(config, model_name: str, settings: ContextSettings) -> ContextP
         beta_slow=beta_slow or YARN_BETA_SLOW,
     )  # fmt: skip
     return ContextPlan(native, size, scaling)
+
+
+def _default_scaling(settings: ContextSettings, factors, config, size: int) -> str:
+    """longrope where seer measured factors that serve this model and size and no YaRN
+    setting is given, else yarn."""
+    stretched = settings.rope_scale is not None or settings.yarn_orig_ctx is not None
+    knobs = (settings.yarn_attn_factor, settings.yarn_beta_fast, settings.yarn_beta_slow)
+    if factors is None or stretched or any(knob is not None for knob in knobs):
+        return "yarn"
+    return "longrope" if factors.fit(config, size) else "yarn"
 
 
 def _longrope(factors, config, model_name: str, size: int) -> RopeScaling:
