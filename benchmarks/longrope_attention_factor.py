@@ -1,112 +1,121 @@
-"""Does LongRoPE's attention factor decide whether the model answers after a 32k document?
+"""Which attention factor should the default model's LongRoPE factors carry?
 
-Under the LongRoPE factors as fitted (``benchmarks/fit_rope_factors.py``) the default model
-often ended its turn at once after a long document (EVAL.md); the shipped factors keep the
-fitted per-frequency factors with YaRN's attention factor, 0.1·ln(scale) + 1. For each attention
-factor (default: the fitted one and YaRN's), with the per-frequency factors unchanged:
+The fit (``benchmarks/fit_rope_factors.py``) lowered the attention factor to 1.076, and under it
+the default model often ended its turn at once after a long document; YaRN's, 0.1·ln(scale) + 1
+= 1.1386, brings the answers back at a cost in perplexity (EVAL.md). For each attention factor
+of ``--attention-factors`` (default: a sweep between the two), with the shipped per-frequency
+factors unchanged, on the engine's device:
 
 - answers: greedy ``Engine.generate`` of ``--max-tokens`` tokens after each book and instruction
   of ``--cases`` (the document's first tokens, as ``--truncate end``), at ``--sparsity`` with
   ``--gates auto`` (``--sparsity 0`` for dense), as ``seer generate`` runs;
-- perplexity (``--windows`` > 0): the tail perplexity (last 4096 predictions) of the first
-  ``--windows`` 32768-token windows of the held-out novel pg2641, dense, float32 on the CPU
-  (about 4.5 minutes a window on two cores), against the native model reading only each
-  window's last 8192 tokens (the first row).
+- perplexity (``--windows`` > 0): ``seer eval``'s tail perplexity (last 4096 predictions) of the
+  first ``--windows`` 32768-token windows of the held-out novel pg2641, dense and with the
+  shipped 32k gates and the window they name at each of ``--eval-sparsities``, against the
+  native model reading only each window's last 8192 tokens (the first row). About a second a
+  window on an H100, minutes on a CPU.
 
-    python benchmarks/longrope_attention_factor.py --books ../shared/data/books --windows 1
+    python benchmarks/longrope_attention_factor.py --books ../shared/data/books --windows 3
 """
 
 import argparse
-import math
 import pathlib
 import sys
 import time
 from dataclasses import replace
 
-import torch
-from fit_rope_factors import NATIVE, FittedRope, perplexity
-
-from seer_cli.engine.context import ContextSettings
+from seer_cli.engine.context import ContextSettings, ModelContext
 from seer_cli.engine.data import token_windows
 from seer_cli.engine.generation import SamplingOptions
-from seer_cli.engine.models import resolve_model
+from seer_cli.engine.models import load_model, resolve_model
 from seer_cli.engine.prompt import build_prompt, read_document
-from seer_cli.engine.runtime import Engine, EngineOptions
+from seer_cli.engine.runtime import Engine, EngineOptions, load_model_gates, resolve_gate_path
+from seer_cli.measure.evaluation import Evaluation, kernels_for
 from seer_cli.progress import quiet_libraries
 
-LONG = 32768
-# The attention factor benchmarks/fit_rope_factors.py fitted with the shipped per-frequency ones.
-FITTED_ATTENTION_FACTOR = 1.07603
-# The prompts that sparse 0.9 under the fitted factors left unanswered (CPU, 2026-12-05).
-CASES = ("pg1342:Summarise this.,pg37106:Summarise this.,pg1342:What happens at the end?,"
-         "pg37106:What happens at the end?")  # fmt: skip
+LONG, TAIL = 32768, 4096
+FACTORS = "1.076,1.09,1.10,1.11,1.12,1.1386"
+BOOKS = ("pg1342", "pg2641", "pg2701", "pg37106")
+INSTRUCTIONS = ("Summarise this.", "Who are the main characters?", "What happens at the end?")
+CASES = ",".join(f"{book}:{instruction}" for book in BOOKS for instruction in INSTRUCTIONS)
+SETTINGS = ContextSettings(LONG, rope_scaling="longrope")
 
 
-def plain_model():
-    """The default model as transformers loads it, float32 on the CPU."""
-    from transformers import AutoModelForCausalLM
-
-    source = resolve_model("SmolLM2-135M-Instruct")
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    return AutoModelForCausalLM.from_pretrained(
-        source.folder, dtype=torch.float32, attn_implementation="sdpa", **kwargs
-    ).eval()
+def held_out_evaluation(engine: Engine, model_arg, books: pathlib.Path, windows: int):
+    """``seer eval``'s evaluation of pg2641 on a model of its own (unhooked, as ``seer eval``
+    loads it) with the shipped gates for prompts past the native context, and their window."""
+    source = resolve_model(model_arg)
+    device, dtype = engine.model.device, engine.model.dtype
+    model, tokenizer = load_model(source, device, dtype)
+    context = ModelContext(model, source.name, SETTINGS)
+    path = resolve_gate_path("auto", model, source.name, rope_scaling="longrope")
+    config, gates = load_model_gates(path, model, source.name, device)
+    held_out, _ = token_windows(tokenizer, [str(books / "pg2641.txt")], LONG, windows, 0)
+    return Evaluation(model, tokenizer, gates, held_out, context, TAIL), config.local_blocks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="as seer's --model (default: the bundled model)")
     parser.add_argument("--books", default="../shared/data/books")
-    parser.add_argument("--attention-factors", help="comma-separated (default: fitted, YaRN's)")
+    parser.add_argument("--attention-factors", default=FACTORS, help="comma-separated")
     parser.add_argument("--cases", default=CASES, help="comma-separated book:instruction")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--windows", type=int, default=0)
+    parser.add_argument("--eval-sparsities", default="0.9,0.95")
     args = parser.parse_args()
     quiet_libraries()
     engine = Engine.load(EngineOptions(
-        sparsity=args.sparsity or None, dense=not args.sparsity,
-        context=ContextSettings(rope_scaling="longrope"),
+        model=args.model, sparsity=args.sparsity or None, dense=not args.sparsity,
+        context=SETTINGS,
     ))  # fmt: skip
-    context, scaling = engine.context, engine.context.plan.scaling
-    shipped = scaling.factors
-    factors = ([float(f) for f in args.attention_factors.split(",")] if args.attention_factors
-               else [FITTED_ATTENTION_FACTOR, 0.1 * math.log(scaling.factor) + 1])  # fmt: skip
+    scaling = engine.context.plan.scaling
     cases = [case.split(":", 1) for case in args.cases.split(",")]
     books = pathlib.Path(args.books)
     texts = {book: read_document(str(books / f"{book}.txt")).text for book, _ in cases}
-    held_out = []
+    prompts = [
+        build_prompt(
+            engine.tokenizer, document=texts[book], instruction=instruction, system=None,
+            max_prompt_tokens=LONG - args.max_tokens, truncate="end",
+        ).ids
+        for book, instruction in cases
+    ]  # fmt: skip
+    sparsities = [float(s) for s in args.eval_sparsities.split(",")]
+    evaluation = None
+    header = ["attention factor", "answered", "no answer"]
     if args.windows:
-        # Dense and unhooked, as benchmarks/fit_rope_factors.py measures: a model of its own.
-        plain = plain_model()
-        held_out, _ = token_windows(engine.tokenizer, [str(books / "pg2641.txt")], LONG,
-                                    args.windows, 0)  # fmt: skip
-    header = "| attention factor | answered | answers | held-out tail perplexity |"
-    print(f"{header}\n|---|---|---|---|")
-    if held_out:
-        base_inv_freq = plain.model.rotary_emb.inv_freq.clone()
-        native = perplexity(plain, plain.model.rotary_emb, held_out, NATIVE)
-        print(f"| native, last {NATIVE} tokens | — | — | {native:.3f} |", flush=True)
-    for attention in factors:
-        context.rescale(replace(scaling, factors=replace(shipped, attention_factor=attention)))
-        answers = []
-        for book, instruction in cases:
-            ids = build_prompt(
-                engine.tokenizer, document=texts[book], instruction=instruction, system=None,
-                max_prompt_tokens=LONG - args.max_tokens, truncate="end",
-            ).ids  # fmt: skip
-            started = time.perf_counter()
-            result = engine.generate(ids, SamplingOptions(max_tokens=args.max_tokens))
-            answers.append(result.stats.predicted_n > 0)
-            seconds = time.perf_counter() - started
-            print(f"{attention:g} {book} {instruction!r}: {result.stats.predicted_n} tokens "
-                  f"{result.text!r} ({seconds:.0f} s)", file=sys.stderr)  # fmt: skip
-        value = "—"
-        if held_out:
-            rope = FittedRope(base_inv_freq, torch.tensor(shipped.long_factor), attention)
-            extended = perplexity(plain, rope, held_out)
-            value = f"{extended:.3f} ({100 * (extended / native - 1):+.1f} %)"
-        print(f"| {attention:g} | {sum(answers)}/{len(answers)} | "
-              f"{', '.join(str(a) for a in answers)} | {value} |", flush=True)  # fmt: skip
+        evaluation, local = held_out_evaluation(engine, args.model, books, args.windows)
+        header += ["dense", *(f"gates + local {local}, s = {s}" for s in sparsities)]
+    print(f"| {' | '.join(header)} |\n|{'---|' * len(header)}", flush=True)
+    with kernels_for(engine.model.dtype, engine.model.device):
+        if evaluation:
+            native = evaluation.context_baseline()[0].perplexity
+            blanks = " — |" * len(sparsities)
+            print(f"| native, last 8192 tokens | — | — | {native:.3f} |{blanks}", flush=True)
+        for factor in [float(f) for f in args.attention_factors.split(",")]:
+            rescaled = replace(scaling, factors=replace(scaling.factors, attention_factor=factor))
+            engine.context.rescale(rescaled)
+            empty = []
+            for (book, instruction), ids in zip(cases, prompts, strict=True):
+                started = time.perf_counter()
+                result = engine.generate(ids, SamplingOptions(max_tokens=args.max_tokens))
+                if result.stats.predicted_n == 0:
+                    empty.append(f"{book} {instruction!r}")
+                print(f"{factor:g} {book} {instruction!r}: {result.stats.predicted_n} tokens "
+                      f"{result.text!r} ({time.perf_counter() - started:.0f} s)",
+                      file=sys.stderr)  # fmt: skip
+            cells = [f"{factor:g}", f"{len(cases) - len(empty)}/{len(cases)}",
+                     ", ".join(empty) or "—"]  # fmt: skip
+            if evaluation:
+                evaluation.context.rescale(rescaled)
+                rows = evaluation.perplexity(sparsities, [], local_blocks=(local,),
+                                             estimators=("gates",))  # fmt: skip
+                dense = rows[0].perplexity
+                cells.append(f"{dense:.3f} ({100 * (dense / native - 1):+.1f} %)")
+                cells += [f"{row.perplexity:.3f} ({row.delta_percent:+.1f} %), "
+                          f"{row.achieved_sparsity:.3f}" for row in rows[1:]]  # fmt: skip
+            print(f"| {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":
