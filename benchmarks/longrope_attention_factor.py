@@ -6,9 +6,9 @@ the default model often ended its turn at once after a long document; YaRN's, 0.
 of ``--attention-factors`` (default: a sweep between the two), with the shipped per-frequency
 factors unchanged, on the engine's device:
 
-- answers: greedy ``Engine.generate`` of ``--max-tokens`` tokens after each book and instruction
-  of ``--cases`` (the document's first tokens, as ``--truncate end``), at ``--sparsity`` with
-  ``--gates auto`` (``--sparsity 0`` for dense), as ``seer generate`` runs;
+- answers: ``answers_at_length.answers`` at 32768 tokens for each novel in ``--books`` and each
+  of its three instructions, ``--max-tokens`` tokens at ``--sparsity`` with ``--gates auto``
+  (``--sparsity 0`` for dense), as ``seer generate`` runs;
 - perplexity (``--windows`` > 0): ``seer eval``'s tail perplexity (last 4096 predictions) of the
   first ``--windows`` 32768-token windows of the held-out novel pg2641, dense and with the
   shipped 32k gates and the window they name at each of ``--eval-sparsities``, against the
@@ -21,23 +21,20 @@ factors unchanged, on the engine's device:
 import argparse
 import pathlib
 import sys
-import time
 from dataclasses import replace
+
+from answers_at_length import answers
 
 from seer_cli.engine.context import ContextSettings, ModelContext
 from seer_cli.engine.data import token_windows
-from seer_cli.engine.generation import SamplingOptions
 from seer_cli.engine.models import load_model, resolve_model
-from seer_cli.engine.prompt import build_prompt, read_document
+from seer_cli.engine.prompt import read_document
 from seer_cli.engine.runtime import Engine, EngineOptions, load_model_gates, resolve_gate_path
 from seer_cli.measure.evaluation import Evaluation, kernels_for
 from seer_cli.progress import quiet_libraries
 
 LONG, TAIL = 32768, 4096
 FACTORS = "1.076,1.09,1.10,1.11,1.12,1.1386"
-BOOKS = ("pg1342", "pg2641", "pg2701", "pg37106")
-INSTRUCTIONS = ("Summarise this.", "Who are the main characters?", "What happens at the end?")
-CASES = ",".join(f"{book}:{instruction}" for book in BOOKS for instruction in INSTRUCTIONS)
 SETTINGS = ContextSettings(LONG, rope_scaling="longrope")
 
 
@@ -59,7 +56,6 @@ def main() -> None:
     parser.add_argument("--model", help="as seer's --model (default: the bundled model)")
     parser.add_argument("--books", default="../shared/data/books")
     parser.add_argument("--attention-factors", default=FACTORS, help="comma-separated")
-    parser.add_argument("--cases", default=CASES, help="comma-separated book:instruction")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--windows", type=int, default=0)
@@ -71,16 +67,8 @@ def main() -> None:
         context=SETTINGS,
     ))  # fmt: skip
     scaling = engine.context.plan.scaling
-    cases = [case.split(":", 1) for case in args.cases.split(",")]
     books = pathlib.Path(args.books)
-    texts = {book: read_document(str(books / f"{book}.txt")).text for book, _ in cases}
-    prompts = [
-        build_prompt(
-            engine.tokenizer, document=texts[book], instruction=instruction, system=None,
-            max_prompt_tokens=LONG - args.max_tokens, truncate="end",
-        ).ids
-        for book, instruction in cases
-    ]  # fmt: skip
+    texts = {path.stem: read_document(str(path)).text for path in sorted(books.glob("*.txt"))}
     sparsities = [float(s) for s in args.eval_sparsities.split(",")]
     evaluation = None
     header = ["attention factor", "answered", "no answer"]
@@ -96,16 +84,13 @@ def main() -> None:
         for factor in [float(f) for f in args.attention_factors.split(",")]:
             rescaled = replace(scaling, factors=replace(scaling.factors, attention_factor=factor))
             engine.context.rescale(rescaled)
-            empty = []
-            for (book, instruction), ids in zip(cases, prompts, strict=True):
-                started = time.perf_counter()
-                result = engine.generate(ids, SamplingOptions(max_tokens=args.max_tokens))
-                if result.stats.predicted_n == 0:
-                    empty.append(f"{book} {instruction!r}")
-                print(f"{factor:g} {book} {instruction!r}: {result.stats.predicted_n} tokens "
-                      f"{result.text!r} ({time.perf_counter() - started:.0f} s)",
+            records = list(answers(engine, texts, [LONG], args.max_tokens))
+            for record in records:
+                print(f"{factor:g} {record['book']} {record['instruction']!r}: "
+                      f"{record['predicted_n']} tokens {record['text']!r}",
                       file=sys.stderr)  # fmt: skip
-            cells = [f"{factor:g}", f"{len(cases) - len(empty)}/{len(cases)}",
+            empty = [f"{r['book']} {r['instruction']!r}" for r in records if not r["predicted_n"]]
+            cells = [f"{factor:g}", f"{len(records) - len(empty)}/{len(records)}",
                      ", ".join(empty) or "—"]  # fmt: skip
             if evaluation:
                 evaluation.context.rescale(rescaled)
