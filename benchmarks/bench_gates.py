@@ -8,8 +8,12 @@ SmolLM2-135M (9 / 3 heads, head_dim 64, gate hidden 128 with a query linear). Ro
 - ``pytorch``: ``AttnGate`` logits then ``select_block_lists`` (top-k) or ``select_blocks``
   (threshold) — the path before the fused kernels;
 - ``fused``: ``gate_block_lists`` from raw keys (two launches);
-- ``fused, pooled keys``: the engine's path, keys pooled by ``PooledKeys`` (kept for chunked
-  prefill) and then the fused kernels.
+- ``fused, pooled keys``: keys pooled by ``PooledKeys`` (kept for chunked prefill) and then the
+  fused kernels;
+- ``from RoPE pools``: the engine's path on a GPU since the RoPE pass pools the blocks
+  (``rotary_embedding_pooled``): the fused kernels on pooled queries and keys; ``RoPE +`` what
+  pooling adds to that layer's RoPE pass of q and k (pooled pass minus plain pass), and
+  ``sum`` the two: what gate scoring and selection cost a layer on this path.
 
 First checks that the fused lists keep the PyTorch path's blocks, then times with
 ``triton.testing.do_bench`` (median, L2 flushed) and prints a markdown table last.
@@ -30,11 +34,19 @@ from seer_gates import (
     default_rotary,
     gate_block_lists,
     pool_keys,
+    pool_queries,
     select_block_lists,
     select_blocks,
 )
 from seer_gates.pooled_keys import PooledKeys
-from seer_kernels import gate_block_features, gate_features, gate_select, num_blocks
+from seer_kernels import (
+    gate_block_features,
+    gate_features,
+    gate_select,
+    num_blocks,
+    rotary_embedding,
+    rotary_embedding_pooled,
+)
 from triton.testing import do_bench
 
 # name: (query heads, key/value heads, head_dim, gate hidden)
@@ -78,6 +90,26 @@ def engine_path(gate, q, k, cos, sin, policy):
     return gate_block_lists(gate, q, pooled, cos, sin, policy, key_tokens=k.shape[1])
 
 
+def rope_pass_extra_ms(q, k) -> float:
+    """What pooling adds to one layer's RoPE pass: q [b, s, Hq, d] and k seen heads-first, as the
+    attention layers hand them over, with full-width bf16 tables."""
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    s, d = q.shape[2], q.shape[3]
+    angles = torch.arange(s, device=q.device)[:, None] / 10000 ** (
+        torch.arange(0, d, 2, device=q.device) / d
+    )
+    angles = torch.cat([angles, angles], dim=-1)[None]
+    cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+    plain = median_ms(lambda: (rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)))
+    pooled = median_ms(
+        lambda: (
+            rotary_embedding_pooled(q, cos, sin, keys=False),
+            rotary_embedding_pooled(k, cos, sin, keys=True),
+        )
+    )
+    return pooled - plain
+
+
 def lists_to_mask(indices, counts):
     b, h, n, width = indices.shape
     listed = torch.arange(width, device=indices.device) < counts[..., None].long()
@@ -86,34 +118,47 @@ def lists_to_mask(indices, counts):
     return mask[..., :n] | torch.eye(n, dtype=torch.bool, device=indices.device)
 
 
-def differing_blocks(gate, q, k, cos, sin, policy) -> tuple[int, int]:
-    """(blocks kept by one path and not the other, blocks kept by the PyTorch path)."""
-    fused = lists_to_mask(*gate_block_lists(gate, q, k, cos, sin, policy))
+def from_rope_pools(gate, pools, cos, sin, policy):
+    q_pooled, k_pooled, tokens = pools
+    return gate_block_lists(gate, q_pooled, k_pooled, cos, sin, policy, key_tokens=tokens,
+                            query_tokens=tokens)  # fmt: skip
+
+
+def differing_blocks(gate, q, k, cos, sin, policy, pools) -> str:
+    """Blocks kept by the fused path (raw inputs, then RoPE pools) and not the PyTorch path or
+    the other way round, over the blocks the PyTorch path keeps."""
     expected = pytorch_path(gate, q, k, cos, sin, policy)
     if policy.sparsity is not None:
         expected = lists_to_mask(*expected)
-    return int((fused != expected).sum()), int(expected.sum())
+    fused = lists_to_mask(*gate_block_lists(gate, q, k, cos, sin, policy))
+    pooled = lists_to_mask(*from_rope_pools(gate, pools, cos, sin, policy))
+    return (f"{int((fused != expected).sum())}, {int((pooled != expected).sum())} / "
+            f"{int(expected.sum())}")  # fmt: skip
 
 
 def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def timed_row(shape_name: str, length: int, inputs, policy_name: str) -> tuple[str, float]:
-    """One table row: both paths checked against each other, then timed; and the fused ms."""
+def timed_row(
+    shape_name: str, length: int, inputs, policy_name: str, rope_extra: float
+) -> tuple[str, float]:
+    """One table row: the paths checked against each other, then timed; and the fused ms."""
     gate, q, k, cos, sin = inputs
     policy = POLICIES[policy_name]
-    differing, kept = differing_blocks(gate, q, k, cos, sin, policy)
+    pools = (pool_queries(q), pool_keys(k), length)
+    differing = differing_blocks(gate, q, k, cos, sin, policy, pools)
     old = median_ms(lambda: pytorch_path(gate, q, k, cos, sin, policy))
     fused = median_ms(lambda: gate_block_lists(gate, q, k, cos, sin, policy))
-    engine = median_ms(lambda: engine_path(gate, q, k, cos, sin, policy))
+    pooled_keys = median_ms(lambda: engine_path(gate, q, k, cos, sin, policy))
+    from_pools = median_ms(lambda: from_rope_pools(gate, pools, cos, sin, policy))
     weight_q = gate.mask_linear_q.weight if gate.mask_linear_q is not None else None
     features = median_ms(
         lambda: gate_block_features(q, k, gate.mask_linear_k.weight, cos, sin, weight_q)
     )
-    cells = [shape_name, length, policy_name, f"{old:.3f}", f"{fused:.3f}", f"{engine:.3f}",
-             f"{old / fused:.1f}×", f"{features:.3f}", f"{fused - features:.3f}",
-             f"{differing} / {kept}"]  # fmt: skip
+    cells = [shape_name, length, policy_name, f"{old:.3f}", f"{fused:.3f}", f"{pooled_keys:.3f}",
+             f"{from_pools:.3f}", f"{rope_extra:.3f}", f"**{from_pools + rope_extra:.3f}**",
+             f"{features:.3f}", f"{fused - features:.3f}", differing]  # fmt: skip
     return "| " + " | ".join(str(cell) for cell in cells) + " |", fused
 
 
@@ -169,15 +214,16 @@ def main() -> None:
     title = (f"{torch.cuda.get_device_name()}, {datetime.date.today()}, commit {commit or '?'}, "
              f"torch {torch.__version__}, bf16, batch 1, ms per layer (median)")  # fmt: skip
     print(title, flush=True)
-    lines = ["| shape | length | policy | pytorch | fused | fused, pooled keys | speedup | "
-             "features | selection | differing / kept blocks |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| shape | length | policy | pytorch | fused | fused, pooled keys | from RoPE pools "
+             "| RoPE + | sum | features | selection | differing (fused, pools) / kept blocks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     defaults = {}
     for shape_name in args.shapes:
         for length in args.lengths:
             inputs = layer_inputs(SHAPES[shape_name], length)
+            rope_extra = rope_pass_extra_ms(inputs[1], inputs[2])
             for policy_name in POLICIES:
-                row, fused = timed_row(shape_name, length, inputs, policy_name)
+                row, fused = timed_row(shape_name, length, inputs, policy_name, rope_extra)
                 defaults[(shape_name, length, policy_name)] = fused
                 lines.append(row)
                 print(row, flush=True)

@@ -43,12 +43,15 @@ def gate_block_lists(
     policy: MaskPolicy,
     total_blocks: int | None = None,
     key_tokens: int | None = None,
+    query_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The block-sparse kernel's lists for one layer, from its pre-RoPE queries and keys.
 
-    q: [b, sq, Hq, d], the last sq positions of the keys; k: [b, s, Hkv, d], every key so far,
-    or, given ``key_tokens`` = s, the same already pooled: [b, nb, Hkv, 3d] as ``pool_keys``
-    makes them. cos, sin: [b, nt, h] at block positions, covering every key block.
+    q: [b, sq, Hq, d], the last sq positions of the keys, or, given ``query_tokens`` = sq (from
+    a block's first position), the same already pooled: [b, nq, Hq, d] as ``pool_queries``
+    makes them. k: [b, s, Hkv, d], every key so far, or, given ``key_tokens`` = s, the same
+    already pooled: [b, nb, Hkv, 3d] as ``pool_keys`` makes them. cos, sin: [b, nt, h] at block
+    positions, covering every key block.
     total_blocks: blocks of the whole prompt when this is one of its chunks (default: the keys'
     nb), for the budgets and the dense last row. Returns (indices [b, Hq, nq, w], counts
     [b, Hq, nq]) int32 for the nq query blocks, the diagonal left out (the kernel always
@@ -58,9 +61,10 @@ def gate_block_lists(
         raise ValueError(f"the fused gate kernels pool blocks of 64 tokens, not {gate.block_size}.")
     weight_q = gate.mask_linear_q.weight if gate.mask_linear_q is not None else None
     keys = k.shape[1] if key_tokens is None else key_tokens
+    queries = q.shape[1] if query_tokens is None else query_tokens
     qf, kf = gate_block_features(
-        q, k, gate.mask_linear_k.weight, cos, sin, weight_q,
-        query_start=keys - q.shape[1], keys_pooled=key_tokens is not None,
+        q, k, gate.mask_linear_k.weight, cos, sin, weight_q, query_start=keys - queries,
+        queries_pooled=query_tokens is not None, keys_pooled=key_tokens is not None,
     )  # fmt: skip
     return _select(qf, kf, policy, 1 / math.sqrt(gate.hidden_size), total_blocks)
 

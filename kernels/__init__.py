@@ -9,7 +9,8 @@
 - :func:`pooled_attention`: dense causal FlashAttention that also returns the row-normalized,
   max-pooled block attention map used as the self-distillation target (Triton).
 - :func:`rotary_embedding` and :func:`silu_gate_`: the element-wise work around attention (RoPE,
-  the MLP's SiLU gate) in one pass each (Triton).
+  the MLP's SiLU gate) in one pass each (Triton); :func:`rotary_embedding_pooled` also pools the
+  pre-RoPE blocks the gates score, in the same pass.
 - :func:`compiling_ahead`: a dry run of launches that compiles their kernels side by side.
 - ``*_reference``: the same functions in plain PyTorch, for tests and for machines without a GPU.
 """
@@ -30,7 +31,7 @@ from .block_sparse import (
 from .block_sparse_cpu import block_sparse_attention_cpu
 from .gate_features import gate_block_features, pooled_block_features
 from .gate_select import block_lists_from_features
-from .layer_ops import rotary_embedding, silu_gate_
+from .layer_ops import rotary_embedding, rotary_embedding_pooled, silu_gate_
 from .pooled import pooled_attention
 from .reference import (
     block_sparse_attention_reference,
@@ -57,6 +58,7 @@ __all__ = [
     "pooled_attention_reference",
     "pooled_block_features",
     "rotary_embedding",
+    "rotary_embedding_pooled",
     "rotary_embedding_reference",
     "silu_gate_",
     "silu_gate_reference",

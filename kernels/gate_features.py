@@ -179,7 +179,7 @@ def _block_features(
     stride_qfb, stride_qfh, stride_qfn, stride_kfb, stride_kfh, stride_kfn,
     q_tokens, query_start, k_len, num_q_heads, num_kv_heads, k_out_per_kv,
     HEAD_DIM: tl.constexpr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-    GATE: tl.constexpr, Q_LINEAR: tl.constexpr, K_POOLED: tl.constexpr,
+    GATE: tl.constexpr, Q_LINEAR: tl.constexpr, Q_POOLED: tl.constexpr, K_POOLED: tl.constexpr,
 ):  # fmt: skip
     # Grid: (block groups, batch · (Hkv + Hq)); the first Hkv programs of a batch pool keys,
     # the heavier work (max, min and the key linear), so they start first rather than trail.
@@ -194,11 +194,20 @@ def _block_features(
     cos, sin = COS + batch * stride_tb, SIN + batch * stride_tb
     if head < num_q_heads:
         # Query blocks lie on the grid of positions: the first is block query_start // BLOCK.
-        shift = query_start % BLOCK
-        valid = blocks < tl.cdiv(q_tokens + shift, BLOCK)
-        if first < tl.cdiv(q_tokens + shift, BLOCK):
+        if Q_POOLED:
+            q_blocks = q_tokens  # blocks here, tokens otherwise
+        else:
+            q_blocks = tl.cdiv(q_tokens + query_start % BLOCK, BLOCK)
+        valid = blocks < q_blocks
+        if first < q_blocks:
             base = Q + batch * stride_qb + head * stride_qh
-            mean0, mean1 = _mean_rows(base, stride_qs, q_tokens, shift, first, ROWS, D2, BLOCK)
+            if Q_POOLED:
+                rows = base + blocks * stride_qs
+                mean0 = _load_rows(rows, valid, 0, D2)
+                mean1 = _load_rows(rows, valid, D2, D2)
+            else:
+                mean0, mean1 = _mean_rows(base, stride_qs, q_tokens, query_start % BLOCK, first,
+                                          ROWS, D2, BLOCK)  # fmt: skip
             out = QF + batch * stride_qfb + head * stride_qfh
             table_rows = query_start // BLOCK + blocks
             if not GATE:
@@ -265,16 +274,18 @@ def _check_device(x: torch.Tensor) -> None:
         raise ValueError("the fused gate kernels need CUDA tensors (or TRITON_INTERPRET=1).")
 
 
-def _launch_features(q, k, weight_q, weight_k, cos, sin, hidden, query_start, k_pooled):
-    """q: [b, sq, Hq, d]; k: [b, sk, Hkv, d], or [b, nb, Hkv, 3d] pooled (any strides, unit last
-    stride); weight_k None for the pooled estimator (means only) → (qf, kf) float32."""
+def _launch_features(q, k, weight_q, weight_k, cos, sin, hidden, query_start, k_pooled,
+                     q_pooled=False):  # fmt: skip
+    """q: [b, sq, Hq, d], or [b, nq, Hq, d] pooled; k: [b, sk, Hkv, d], or [b, nb, Hkv, 3d]
+    pooled (any strides, unit last stride); weight_k None for the pooled estimator (means only)
+    → (qf, kf) float32."""
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     _check_power_of_two("head_dim", d)
     _check_power_of_two("gate hidden size", hidden)
     gate = weight_k is not None
-    q_blocks = num_blocks(query_start % BLOCK + sq)
+    q_blocks = sq if q_pooled else num_blocks(query_start % BLOCK + sq)
     k_blocks = k.shape[1] if k_pooled else num_blocks(k.shape[1])
     k_out = hq if gate and weight_q is None else hkv
     qf = torch.empty(b, hq, q_blocks, hidden, dtype=torch.float32, device=q.device)
@@ -294,7 +305,8 @@ def _launch_features(q, k, weight_q, weight_k, cos, sin, hidden, query_start, k_
             qf.stride(0), qf.stride(1), qf.stride(2), kf.stride(0), kf.stride(1), kf.stride(2),
             sq, query_start, k_blocks if k_pooled else k.shape[1], hq, hkv, k_out // hkv,
             HEAD_DIM=d, HIDDEN=hidden, BLOCK=BLOCK, ROWS=FEATURE_ROWS, GATE=gate,
-            Q_LINEAR=weight_q is not None, K_POOLED=k_pooled, num_warps=FEATURE_WARPS,
+            Q_LINEAR=weight_q is not None, Q_POOLED=q_pooled, K_POOLED=k_pooled,
+            num_warps=FEATURE_WARPS,
             num_stages=FEATURE_STAGES,
         )  # fmt: skip
     return qf, kf
@@ -309,6 +321,7 @@ def gate_block_features(
     weight_q: torch.Tensor | None = None,
     *,
     query_start: int = 0,
+    queries_pooled: bool = False,
     keys_pooled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block features of a SeerAttention gate (``Qavg_Kmaxminavg``): pooled, projected, RoPE'd.
@@ -317,6 +330,8 @@ def gate_block_features(
         q: [b, sq, Hq, d] pre-RoPE queries at positions query_start, query_start + 1, …
             (d a power of two); blocks lie on the grid of positions, so the first query block
             is block query_start // 64 and pools only the queries in it.
+            With ``queries_pooled``, [b, nq, Hq, d] as ``seer_gates.pool_queries`` makes them
+            (query_start then a block's first position).
         k: [b, sk, Hkv, d] pre-RoPE keys from position 0; with ``keys_pooled``, [b, nb, Hkv, 3d]
             as ``seer_gates.pool_keys`` makes them (max, min, mean on channels).
         weight_k: [Hq, 3d, h] when ``weight_q`` is None (the published rule: no query linear,
@@ -336,7 +351,10 @@ def gate_block_features(
                          f"{tuple(cos.shape)} do not fit head_dim {q.shape[-1]}.")  # fmt: skip
     if keys_pooled and k.shape[-1] != 3 * q.shape[-1]:
         raise ValueError(f"pooled keys must end in 3·head_dim channels, got {tuple(k.shape)}.")
-    return _launch_features(q, k, weight_q, weight_k, cos, sin, hidden, query_start, keys_pooled)
+    if queries_pooled and query_start % BLOCK:
+        raise ValueError(f"pooled queries must start a block, not position {query_start}.")
+    return _launch_features(q, k, weight_q, weight_k, cos, sin, hidden, query_start, keys_pooled,
+                            queries_pooled)  # fmt: skip
 
 
 def pooled_block_features(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

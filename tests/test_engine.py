@@ -36,8 +36,9 @@ from tiny_models import (
     tiny_model,
     topk_sparsity,
 )
+from transformers import DynamicCache
 
-from seer_cli.engine import attention
+from seer_cli.engine import attention, fused_layers
 from seer_cli.engine.attention import SparsePrefill
 from seer_cli.engine.errors import SeerError
 from seer_cli.engine.generation import GenerationStats, SamplingOptions, generate
@@ -233,6 +234,61 @@ def test_triton_kernel_path_matches_the_reference_path(attached, monkeypatch):
     triton_logits = logits_of(model, ids)
     assert len(launches) == NUM_LAYERS
     torch.testing.assert_close(triton_logits, reference, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("chunk", [None, 128], ids=["one-pass", "chunks"])
+def test_gates_take_their_pools_from_the_rope_pass(attached, monkeypatch, chunk):
+    """With the fused RoPE, the gates' block pools come from that pass (queries of chunks that
+    start a block; keys of a whole prompt) and keep the blocks pooling in the gates keeps."""
+    monkeypatch.setattr(fused_layers, "_kernel_device", lambda x: True)  # the interpreter too
+    monkeypatch.setenv("SEER_ATTENTION_KERNEL", "triton")
+    model = tiny_model("llama").to(KERNEL_DEVICE, torch.float16)
+    fused_layers.fuse_layers(model)
+    ids = random_ids(400).to(KERNEL_DEVICE)
+    prefill = attached(model, MaskPolicy(sparsity=0.5), tiny_gates(model))
+    pooled_inputs, lists = [], []
+    block_lists = attention.gate_block_lists
+
+    def spy(*args, **kwargs):
+        pooled_inputs.append((kwargs["query_tokens"], kwargs["key_tokens"]))
+        lists.append(block_lists(*args, **kwargs))
+        return lists[-1]
+
+    monkeypatch.setattr(attention, "gate_block_lists", spy)
+
+    def run():
+        pooled_inputs.clear()
+        with torch.inference_mode():
+            return prefill_logits(model, ids, chunk)
+
+    pooled_logits, pooled_lists = run(), list(lists)
+    assert pooled_inputs and all(query_tokens for query_tokens, _ in pooled_inputs)
+    if chunk is None:  # keys of a whole prompt from the pass; chunks: the keys pooled so far
+        assert all(key_tokens == 400 for _, key_tokens in pooled_inputs)
+    lists.clear()
+    prefill._pool_in_rope = False
+    plain_logits = run()
+    assert all(query_tokens is None for query_tokens, _ in pooled_inputs)
+    for got, want in zip(pooled_lists, lists, strict=True):
+        torch.testing.assert_close(listed(*got), listed(*want))
+    torch.testing.assert_close(pooled_logits, plain_logits)
+
+
+def listed(indices, counts):
+    """Per-row block lists with the unused tail of each row blanked."""
+    width = torch.arange(indices.shape[-1], device=indices.device)
+    return torch.where(width < counts[..., None], indices, -1)
+
+
+def prefill_logits(model, ids, chunk):
+    """Logits of the prompt's last token, the prompt in one pass or in chunks of ``chunk``."""
+    if chunk is None:
+        return model(input_ids=ids).logits[:, -1]
+    cache = DynamicCache()
+    for start in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, start : start + chunk], cache=cache)
+    return out.logits[:, -1]
 
 
 @pytest.fixture

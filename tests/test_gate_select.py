@@ -125,17 +125,24 @@ def test_fused_pooled_estimator_keeps_the_blocks_of_the_pytorch_path(policy_name
 
 
 @pytest.mark.parametrize("policy_name", ["top-k 0.9", "threshold", "top-k 0.9, local 3"])
-@pytest.mark.parametrize("pooled", [False, True], ids=["raw-keys", "pooled-keys"])
+@pytest.mark.parametrize(
+    "pooled", ["raw", "pooled keys", "pooled queries and keys"], ids=lambda x: x.replace(" ", "-")
+)
 def test_a_chunk_of_queries_keeps_the_blocks_of_the_pytorch_path(policy_name, pooled):
     """Queries that are the last positions of the keys (a chunk of a prompt, or a prompt
-    continuing a cache), starting inside a block or on one; the keys raw or pooled already."""
+    continuing a cache), starting inside a block or on one; the keys raw or pooled already, and
+    queries that start a block pooled already too (as the fused RoPE pools them)."""
     policy = POLICIES[policy_name]
     gate, q, k, cos, sin = gate_inputs((1000, 3, 1, 64, 128, True), KERNEL_DTYPES[0])
-    for start, end, total in ((320, 1000, 16), (300, 1000, 16), (250, 560, 16)):
+    for start, end, total in ((320, 1000, 16), (300, 1000, 16), (250, 560, 16), (0, 1000, 16)):
         chunk, keys = q[:, start:end], k[:, :end]
-        key_input = pool_keys(keys) if pooled else keys
-        lists = gate_block_lists(gate, chunk, key_input, cos, sin, policy, total,
-                                 key_tokens=end if pooled else None)  # fmt: skip
+        key_input = keys if pooled == "raw" else pool_keys(keys)
+        pool_chunk = pooled == "pooled queries and keys" and start % 64 == 0
+        lists = gate_block_lists(
+            gate, pool_queries(chunk) if pool_chunk else chunk, key_input, cos, sin, policy,
+            total, key_tokens=None if pooled == "raw" else end,
+            query_tokens=end - start if pool_chunk else None,
+        )  # fmt: skip
         with torch.no_grad():
             nb = num_blocks(end)
             logits = gate.logits(pool_queries(chunk, start=start), pool_keys(keys), cos[:, :nb],
@@ -218,3 +225,6 @@ def test_bad_arguments_raise_one_sentence():
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         gate_block_features(q[..., :48], k[..., :48], gate.mask_linear_k.weight[:, :144], cos,
                             sin)  # fmt: skip
+    with pytest.raises(ValueError, match="pooled queries must start a block"):
+        gate_block_features(pool_queries(q[:, 30:]), k, gate.mask_linear_k.weight, cos, sin,
+                            query_start=30, queries_pooled=True)  # fmt: skip

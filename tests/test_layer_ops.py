@@ -6,8 +6,10 @@ import sys
 import pytest
 import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, needs_gpu, needs_kernel_device
+from seer_gates import pool_keys, pool_queries
 from seer_kernels import (
     rotary_embedding,
+    rotary_embedding_pooled,
     rotary_embedding_reference,
     silu_gate_,
     silu_gate_reference,
@@ -68,6 +70,23 @@ def test_rotary_kernel_matches_the_oracle(shape, dtype, table_batch, poisoned_em
     oracle = rotary_embedding_reference(x.double(), cos.double(), sin.double())
     assert out.dtype == dtype and out.stride() == x.stride()
     assert (out.double() - oracle).abs().max() <= TOLERANCE[dtype] * max(1, oracle.abs().max())
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("keys", [False, True], ids=["queries", "keys"])
+def test_rotary_kernel_pools_the_blocks_it_rotates(shape, dtype, keys):
+    """The rotated tensor is the plain kernel's, and the pools are the gates' own (pre-RoPE,
+    blocks of 64 from the first row, a partial last block pooling what it has)."""
+    b, h, s, d = shape
+    x = heads_second(b, s, h, d, dtype, KERNEL_DEVICE, seed=5)
+    cos, sin = rope_tables(b, s, d, dtype, KERNEL_DEVICE)
+    out, pooled = rotary_embedding_pooled(x, cos, sin, keys=keys)
+    torch.testing.assert_close(out, rotary_embedding(x, cos, sin), atol=0, rtol=0)
+    oracle = (pool_keys if keys else pool_queries)(x.transpose(1, 2).double())
+    assert pooled.dtype == torch.float32 and pooled.shape == oracle.shape
+    assert (pooled.double() - oracle).abs().max() <= 1e-5 * max(1, oracle.abs().max())
 
 
 @needs_kernel_device

@@ -26,12 +26,14 @@ from seer_gates import (
     select_blocks,
 )
 from seer_kernels import (
+    BLOCK,
     block_sparse_attention_cpu,
     block_sparse_attention_from_lists,
     block_sparse_attention_reference,
     can_compile_ahead,
     compiling_ahead,
     kept_block_indices,
+    rotary_embedding_pooled,
 )
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
@@ -40,6 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 from .context import rope_parameters_at_width
 from .errors import SeerError
+from .fused_layers import rotary_is_fused, tap_next_rotary
 from .past_keys import PastKeys
 from .placement import layer_devices
 
@@ -135,6 +138,8 @@ class SparsePrefill:
                 gate.to(device)
             self._hooks = catch_pre_rope(self.model, self._store)
             self._past_keys = PastKeys(self.model)
+        # The fused RoPE pass reads every query and key: the gates' block pools come from it.
+        self._pool_in_rope = rotary_is_fused(self.model)
         self.model.set_attn_implementation(ATTENTION_NAME)
 
     def use(self, gates: torch.nn.ModuleList | None, policy: MaskPolicy) -> None:
@@ -158,6 +163,19 @@ class SparsePrefill:
 
     def _store(self, layer_idx: int, name: str, x: torch.Tensor) -> None:
         self._captured.setdefault(layer_idx, {})[name] = x
+        # The layer's RoPE comes next, after its keys: its pass pools for the gates.
+        uses_pools = self.gates is not None and attention_kernel(x.device) == "triton"
+        if name == "k" and uses_pools and self._pool_in_rope:
+            tap_next_rotary(lambda q, k, cos, sin: self._rotate_and_pool(layer_idx, q, k, cos, sin))
+
+    def _rotate_and_pool(self, layer_idx: int, q, k, cos, sin):
+        """The fused RoPE of one layer's prompt queries and keys, which also keeps their pre-RoPE
+        block pools (blocks of 64 from the first token of this pass) for the gates."""
+        q_rotated, q_pooled = rotary_embedding_pooled(q, cos, sin, keys=False)
+        k_rotated, k_pooled = rotary_embedding_pooled(k, cos, sin, keys=True)
+        self._store(layer_idx, "q_pooled", q_pooled)
+        self._store(layer_idx, "k_pooled", k_pooled)
+        return q_rotated, k_rotated
 
     # --- per layer, during prefill ---
 
@@ -231,13 +249,21 @@ class SparsePrefill:
         if self.gates is None:
             return pooled_block_lists(q, k, self.policy, total_blocks)
         cos, sin = self._block_rope(total_blocks, q.shape[0], q.device)
-        # One pass: raw keys, pooled in the kernel; else the keys pooled so far.
-        keys, key_tokens = (
-            (captured["k"], None) if pooled_keys is None else (pooled_keys, k.shape[2])
-        )
+        # Pools from the RoPE pass where they lie on the grid of blocks (queries that start a
+        # block; keys of a whole prompt); one pass: raw keys, pooled in the kernel; else the
+        # keys pooled so far.
+        queries, query_tokens = captured["q"], None
+        if "q_pooled" in captured and (k.shape[2] - q.shape[2]) % BLOCK == 0:
+            queries, query_tokens = captured["q_pooled"], q.shape[2]
+        if pooled_keys is not None:
+            keys, key_tokens = pooled_keys, k.shape[2]
+        elif "k_pooled" in captured:
+            keys, key_tokens = captured["k_pooled"], k.shape[2]
+        else:
+            keys, key_tokens = captured["k"], None
         return gate_block_lists(
-            self.gates[layer_idx], captured["q"], keys, cos, sin, self.policy, total_blocks,
-            key_tokens=key_tokens,
+            self.gates[layer_idx], queries, keys, cos, sin, self.policy, total_blocks,
+            key_tokens=key_tokens, query_tokens=query_tokens,
         )  # fmt: skip
 
     def _scores(self, layer_idx: int, q, k, captured, pooled_keys, total_blocks: int):

@@ -7,7 +7,10 @@ the same with or without sparsity, so they bound what sparse prefill can gain (B
   fast or faster, identical in float32).
 - RoPE and the MLP's SiLU gate: seer's Triton kernels (``seer_kernels.rotary_embedding``,
   ``silu_gate_``) on CUDA tensors; other tensors keep transformers' code.
-Modules keep their parameters and hooks; only their ``forward`` changes.
+Modules keep their parameters and hooks; only their ``forward`` changes. A caller that needs
+more from a layer's RoPE pass than the rotated queries and keys (sparse prefill takes the
+pre-RoPE block pools its gates score there) hands that layer's pass to a tap
+(``tap_next_rotary``).
 """
 
 import sys
@@ -15,6 +18,23 @@ import types
 
 import torch
 from seer_kernels import rotary_embedding, silu_gate_
+
+# The tap the next fused RoPE call hands its work to (see tap_next_rotary).
+_next_rotary_tap = None
+
+
+def tap_next_rotary(tap) -> None:
+    """Have the next fused RoPE call return ``tap(q, k, cos, sin)`` (q/k [b, H, s, d], CUDA,
+    unit channel strides; tables [b, s, d]), which must return the rotated pair as the fused
+    kernel would. The tap serves once; a call that does not take the fused path drops it."""
+    global _next_rotary_tap
+    _next_rotary_tap = tap
+
+
+def rotary_is_fused(model) -> bool:
+    """Whether ``model``'s attention layers call the fused RoPE (its family was fused)."""
+    family = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    return hasattr(getattr(family, "apply_rotary_pos_emb", None), "unfused")
 
 
 def fuse_layers(model) -> None:
@@ -62,13 +82,22 @@ def _silu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.act_fn(gate) * up)
 
 
+def _kernel_device(x: torch.Tensor) -> bool:
+    """Whether x is where the fused RoPE runs: CUDA (tests add the Triton interpreter)."""
+    return x.is_cuda
+
+
 def _fused_rotary(unfused):
     """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``, fused on CUDA
     tensors with full-width tables and unit channel strides; ``unfused`` otherwise."""
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        global _next_rotary_tap
+        tap, _next_rotary_tap = _next_rotary_tap, None
         fits = cos.dim() == 3 and cos.shape[-1] == q.shape[-1] and unsqueeze_dim == 1
-        if q.is_cuda and fits and q.stride(-1) == 1 and k.stride(-1) == 1:
+        if _kernel_device(q) and fits and q.stride(-1) == 1 and k.stride(-1) == 1:
+            if tap is not None:
+                return tap(q, k, cos, sin)
             return rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)
         return unfused(q, k, cos, sin, unsqueeze_dim)
 
