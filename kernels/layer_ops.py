@@ -13,8 +13,9 @@ import triton.language as tl
 
 from ._common import BLOCK, on_device
 
-# Token rows per rotary step (one step per program, or a block's worth when pooling); elements
-# per SiLU-gate program.
+# Token rows per rotary program (a pooling one takes a block); elements per SiLU-gate program.
+# Measured on the H100 (8B shapes, 32k / 128k): pooling a block at once with 4 warps adds 11 % /
+# 4 % to a layer's RoPE pass, 32 rows twice 25 % / 14 %, 8 warps 26 % / 14 %.
 ROTARY_ROWS = 32
 GATE_ELEMENTS = 2048
 
@@ -25,60 +26,43 @@ def _rotary(
     stride_xb, stride_xh, stride_xs, stride_tb, stride_ts, stride_ob, stride_oh, stride_os,
     stride_pb, stride_pn, stride_ph,
     seq_len, num_heads,
-    HALF: tl.constexpr, HALF_SLOTS: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr,
-    POOL: tl.constexpr,
+    HALF: tl.constexpr, HALF_SLOTS: tl.constexpr, ROWS: tl.constexpr, POOL: tl.constexpr,
 ):  # fmt: skip
-    # A program rotates STEPS · ROWS token rows of one head; with POOL (1: mean, 2: max, min and
-    # mean) those rows are one block, and the program also writes its pre-RoPE pools.
+    # A program rotates ROWS token rows of one head; with POOL (1: mean, 2: max, min and mean)
+    # those rows are one block, and the program also writes their pre-RoPE pools.
     batch = (tl.program_id(1) // num_heads).to(tl.int64)
     head = (tl.program_id(1) % num_heads).to(tl.int64)
-    first = tl.program_id(0).to(tl.int64) * (ROWS * STEPS)
+    first = tl.program_id(0).to(tl.int64) * ROWS
+    rows = first + tl.arange(0, ROWS)
     cols = tl.arange(0, HALF_SLOTS)
-    sum1 = tl.zeros([HALF_SLOTS], dtype=tl.float32)
-    sum2 = sum1
-    high1 = tl.full([HALF_SLOTS], float("-inf"), dtype=tl.float32)
-    high2 = high1
-    low1 = tl.full([HALF_SLOTS], float("inf"), dtype=tl.float32)
-    low2 = low1
-    for step in tl.static_range(STEPS):
-        rows = first + step * ROWS + tl.arange(0, ROWS)
-        valid = (rows < seq_len)[:, None] & (cols < HALF)[None, :]
-        x_ptrs = (X + batch * stride_xb + head * stride_xh + rows[:, None] * stride_xs
-                  + cols[None, :])  # fmt: skip
-        t_off = batch * stride_tb + rows[:, None] * stride_ts + cols[None, :]
-        x1 = tl.load(x_ptrs, mask=valid, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptrs + HALF, mask=valid, other=0.0).to(tl.float32)
-        cos1 = tl.load(COS + t_off, mask=valid, other=0.0).to(tl.float32)
-        cos2 = tl.load(COS + t_off + HALF, mask=valid, other=0.0).to(tl.float32)
-        sin1 = tl.load(SIN + t_off, mask=valid, other=0.0).to(tl.float32)
-        sin2 = tl.load(SIN + t_off + HALF, mask=valid, other=0.0).to(tl.float32)
-        # rotate_half(x) = [-x2, x1]
-        o_ptrs = (OUT + batch * stride_ob + head * stride_oh + rows[:, None] * stride_os
-                  + cols[None, :])  # fmt: skip
-        tl.store(o_ptrs, (x1 * cos1 - x2 * sin1).to(OUT.dtype.element_ty), mask=valid)
-        tl.store(o_ptrs + HALF, (x2 * cos2 + x1 * sin2).to(OUT.dtype.element_ty), mask=valid)
-        if POOL > 0:
-            sum1 += tl.sum(x1, 0)
-            sum2 += tl.sum(x2, 0)
-        if POOL > 1:
-            high1 = tl.maximum(high1, tl.max(tl.where(valid, x1, float("-inf")), 0))
-            high2 = tl.maximum(high2, tl.max(tl.where(valid, x2, float("-inf")), 0))
-            low1 = tl.minimum(low1, tl.min(tl.where(valid, x1, float("inf")), 0))
-            low2 = tl.minimum(low2, tl.min(tl.where(valid, x2, float("inf")), 0))
+    valid = (rows < seq_len)[:, None] & (cols < HALF)[None, :]
+    x_ptrs = (X + batch * stride_xb + head * stride_xh + rows[:, None] * stride_xs
+              + cols[None, :])  # fmt: skip
+    t_off = batch * stride_tb + rows[:, None] * stride_ts + cols[None, :]
+    x1 = tl.load(x_ptrs, mask=valid, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptrs + HALF, mask=valid, other=0.0).to(tl.float32)
+    cos1 = tl.load(COS + t_off, mask=valid, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + t_off + HALF, mask=valid, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + t_off, mask=valid, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + t_off + HALF, mask=valid, other=0.0).to(tl.float32)
+    # rotate_half(x) = [-x2, x1]
+    o_ptrs = (OUT + batch * stride_ob + head * stride_oh + rows[:, None] * stride_os
+              + cols[None, :])  # fmt: skip
+    tl.store(o_ptrs, (x1 * cos1 - x2 * sin1).to(OUT.dtype.element_ty), mask=valid)
+    tl.store(o_ptrs + HALF, (x2 * cos2 + x1 * sin2).to(OUT.dtype.element_ty), mask=valid)
     if POOL > 0:
-        count = tl.minimum(seq_len - first, ROWS * STEPS).to(tl.float32)
-        p_ptrs = (POOLED + batch * stride_pb + (first // (ROWS * STEPS)) * stride_pn
-                  + head * stride_ph + cols)  # fmt: skip
+        count = tl.minimum(seq_len - first, ROWS).to(tl.float32)
+        p_ptrs = POOLED + batch * stride_pb + (first // ROWS) * stride_pn + head * stride_ph + cols
         # Channels as pool_queries / pool_keys lay them out: [mean] or [max, min, mean].
         mean_at = 0 if POOL == 1 else 4 * HALF
         col_ok = cols < HALF
-        tl.store(p_ptrs + mean_at, sum1 / count, mask=col_ok)
-        tl.store(p_ptrs + mean_at + HALF, sum2 / count, mask=col_ok)
+        tl.store(p_ptrs + mean_at, tl.sum(x1, 0) / count, mask=col_ok)
+        tl.store(p_ptrs + mean_at + HALF, tl.sum(x2, 0) / count, mask=col_ok)
         if POOL > 1:
-            tl.store(p_ptrs, high1, mask=col_ok)
-            tl.store(p_ptrs + HALF, high2, mask=col_ok)
-            tl.store(p_ptrs + 2 * HALF, low1, mask=col_ok)
-            tl.store(p_ptrs + 3 * HALF, low2, mask=col_ok)
+            tl.store(p_ptrs, tl.max(tl.where(valid, x1, float("-inf")), 0), mask=col_ok)
+            tl.store(p_ptrs + HALF, tl.max(tl.where(valid, x2, float("-inf")), 0), mask=col_ok)
+            tl.store(p_ptrs + 2 * HALF, tl.min(tl.where(valid, x1, float("inf")), 0), mask=col_ok)
+            tl.store(p_ptrs + 3 * HALF, tl.min(tl.where(valid, x2, float("inf")), 0), mask=col_ok)
 
 
 @triton.jit(do_not_specialize=["numel"])
@@ -122,16 +106,16 @@ def _launch_rotary(x, cos, sin, pool: int) -> tuple[torch.Tensor, torch.Tensor |
                              device=x.device)  # fmt: skip
     # Unused when not pooling: points at out with zero strides.
     p_strides = (pooled.stride(0), pooled.stride(1), pooled.stride(2)) if pool else (0, 0, 0)
-    steps = BLOCK // ROTARY_ROWS if pool else 1
+    rows = BLOCK if pool else ROTARY_ROWS
     table_batch_stride = cos.stride(0) if cos.shape[0] == b else 0
-    grid = (triton.cdiv(s, ROTARY_ROWS * steps), b * heads)
+    grid = (triton.cdiv(s, rows), b * heads)
     with on_device(x.device):
         _rotary[grid](
             x, cos, sin, out, out if pooled is None else pooled,
             x.stride(0), x.stride(1), x.stride(2), table_batch_stride, cos.stride(1),
             out.stride(0), out.stride(1), out.stride(2), *p_strides,
-            s, heads, HALF=d // 2, HALF_SLOTS=triton.next_power_of_2(d // 2), ROWS=ROTARY_ROWS,
-            STEPS=steps, POOL=pool,
+            s, heads, HALF=d // 2, HALF_SLOTS=triton.next_power_of_2(d // 2), ROWS=rows,
+            POOL=pool,
         )  # fmt: skip
     return out, pooled
 
