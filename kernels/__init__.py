@@ -31,7 +31,7 @@ from .block_sparse import (
 from .block_sparse_cpu import block_sparse_attention_cpu
 from .gate_features import gate_block_features, pooled_block_features
 from .gate_select import block_lists_from_features
-from .layer_ops import rotary_embedding, rotary_embedding_pooled, silu_gate_
+from .layer_ops import compile_rotary, rotary_embedding, rotary_embedding_pooled, silu_gate_
 from .pooled import pooled_attention
 from .reference import (
     block_sparse_attention_reference,
@@ -48,6 +48,7 @@ __all__ = [
     "block_sparse_attention_from_lists",
     "block_sparse_attention_reference",
     "can_compile_ahead",
+    "compile_rotary",
     "compiling_ahead",
     "gate_block_features",
     "interpreting",

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, on_device
+from ._common import BLOCK, SUPPORTED_HEAD_DIMS, compiling_ahead, on_device, run_kernel
 
 # Token rows per rotary program (a pooling one takes a block); elements per SiLU-gate program.
 # Measured on the H100 (8B shapes, 32k / 128k): pooling a block at once with 4 warps adds 11 % /
@@ -110,14 +110,28 @@ def _launch_rotary(x, cos, sin, pool: int) -> tuple[torch.Tensor, torch.Tensor |
     table_batch_stride = cos.stride(0) if cos.shape[0] == b else 0
     grid = (triton.cdiv(s, rows), b * heads)
     with on_device(x.device):
-        _rotary[grid](
-            x, cos, sin, out, out if pooled is None else pooled,
+        run_kernel(
+            _rotary, grid, x, cos, sin, out, out if pooled is None else pooled,
             x.stride(0), x.stride(1), x.stride(2), table_batch_stride, cos.stride(1),
             out.stride(0), out.stride(1), out.stride(2), *p_strides,
             s, heads, HALF=d // 2, HALF_SLOTS=triton.next_power_of_2(d // 2), ROWS=rows,
             POOL=pool,
         )  # fmt: skip
     return out, pooled
+
+
+def compile_rotary(device: torch.device, dtype: torch.dtype) -> None:
+    """Compile the RoPE kernels every prefill in ``dtype`` runs (plain, and pooling for sparse
+    prefill's gates) for each head_dim the attention kernels take, side by side; what the first
+    prefill of a process then finds ready (``seer_cli``'s GPU warm-up calls this)."""
+    with compiling_ahead():
+        for d in SUPPORTED_HEAD_DIMS:
+            # Laid out as attention layers hand q and k over: [b, H, s, d] seen from [b, s, H, d].
+            x = torch.empty(1, BLOCK, 2, d, device=device, dtype=dtype).transpose(1, 2)
+            table = torch.empty(1, BLOCK, d, device=device, dtype=dtype)
+            rotary_embedding(x, table, table)
+            for keys in (False, True):
+                rotary_embedding_pooled(x, table, table, keys=keys)
 
 
 def silu_gate_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,12 @@ import sys
 
 import pytest
 import torch
+import triton
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, needs_gpu, needs_kernel_device
 from seer_gates import pool_keys, pool_queries
 from seer_kernels import (
+    compile_rotary,
+    layer_ops,
     rotary_embedding,
     rotary_embedding_pooled,
     rotary_embedding_reference,
@@ -87,6 +90,24 @@ def test_rotary_kernel_pools_the_blocks_it_rotates(shape, dtype, keys):
     oracle = (pool_keys if keys else pool_queries)(x.transpose(1, 2).double())
     assert pooled.dtype == torch.float32 and pooled.shape == oracle.shape
     assert (pooled.double() - oracle).abs().max() <= 1e-5 * max(1, oracle.abs().max())
+
+
+@needs_gpu
+def test_compiled_rotary_kernels_serve_a_prefill_without_compiling(monkeypatch):
+    """What the GPU warm-up compiles while a model loads is what a prefill's RoPE then runs."""
+    layer_ops._rotary.device_caches.clear()  # forget what earlier tests compiled here
+    compile_rotary(torch.device("cuda"), torch.bfloat16)
+    compiled = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook",
+                        lambda *args, **kwargs: compiled.append(kwargs))  # fmt: skip
+    for d, heads in ((64, 9), (128, 32)):
+        x = heads_second(1, 1000, heads, d, torch.bfloat16, "cuda", seed=6)
+        cos, sin = rope_tables(1, 1000, d, torch.bfloat16, "cuda")
+        rotary_embedding(x, cos, sin)
+        for keys in (False, True):
+            rotary_embedding_pooled(x, cos, sin, keys=keys)
+    torch.cuda.synchronize()
+    assert not compiled
 
 
 @needs_kernel_device
