@@ -20,8 +20,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Set inside compiling_ahead(): launchers compile without running.
-_compiling_ahead = contextvars.ContextVar("seer_compiling_ahead", default=False)
+# Set inside compiling_ahead(): launchers compile without running, and note here what they
+# compiled, with the CUDA device each is for.
+_compiling_ahead = contextvars.ContextVar("seer_compiling_ahead", default=None)
 # Kernels of one prefill compiled at once: features, selection, attention, a spare.
 AHEAD_WORKERS = 4
 
@@ -41,29 +42,44 @@ def can_compile_ahead(device: torch.device) -> bool:
 def compiling_ahead():
     """Within, seer's launchers compile the kernels their arguments need instead of running
     them (what they return stays unwritten), all at once in worker threads; leaving waits for
-    every compile. A fresh machine compiles the three kernels of a sparse prefill in 8.4 s one
-    after another and 4.9 s at once (H100, BENCHMARKS.md). Needs :func:`can_compile_ahead`."""
+    every compile, and then loads each kernel into its device with its launcher (a small C
+    module Triton builds once per kernel signature), side by side too — work a kernel's first
+    launch would otherwise do, one kernel after another. A fresh machine compiles the three
+    kernels of a sparse prefill in 8.4 s one after another and 4.9 s at once (H100,
+    BENCHMARKS.md). Needs :func:`can_compile_ahead`."""
     from triton.runtime._async_compile import AsyncCompileMode
 
-    token = _compiling_ahead.set(True)
+    compiled = []
+    token = _compiling_ahead.set(compiled)
     try:
-        with ThreadPoolExecutor(AHEAD_WORKERS) as pool, AsyncCompileMode(pool):
-            yield
+        with ThreadPoolExecutor(AHEAD_WORKERS) as pool:
+            with AsyncCompileMode(pool):
+                yield
+            list(pool.map(_load_compiled, compiled))
     finally:
         _compiling_ahead.reset(token)
 
 
+def _load_compiled(entry) -> None:
+    kernel, device = entry
+    with torch.cuda.device(device):
+        kernel._init_handles()  # what Triton runs on a compiled kernel's first launch
+
+
 def only_compiling() -> bool:
     """Inside :func:`compiling_ahead`."""
-    return _compiling_ahead.get()
+    return _compiling_ahead.get() is not None
 
 
 def run_kernel(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; inside :func:`compiling_ahead`, only its compile."""
-    if only_compiling():
-        kernel.warmup(*args, grid=grid, **kwargs)
-    else:
+    compiled = _compiling_ahead.get()
+    if compiled is None:
         kernel[grid](*args, **kwargs)
+        return
+    future = kernel.warmup(*args, grid=grid, **kwargs)
+    if future is not None:
+        compiled.append((future, torch.cuda.current_device()))
 
 
 def on_device(device: torch.device):

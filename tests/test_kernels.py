@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, needs_gpu, needs_kernel_device
 from seer_kernels import (
     BLOCK,
@@ -232,9 +233,9 @@ def test_block_lists_in_any_order_give_the_mask_result(poisoned_empty):
 
 
 @needs_gpu
-def test_compiling_ahead_compiles_without_running(poisoned_empty):
+def test_compiling_ahead_compiles_without_running(poisoned_empty, monkeypatch):
     """Inside ``compiling_ahead`` a launch leaves its output unwritten; the real launch after it
-    runs the kernel compiled there."""
+    runs the kernel compiled and loaded there."""
     assert can_compile_ahead(torch.device("cuda"))
     q, k, v = random_qkv((777, 4, 2, 64), torch.bfloat16, "cuda", seed=9)
     mask = make_mask("random", 2, 4, 777, "cuda", seed=9)
@@ -243,7 +244,11 @@ def test_compiling_ahead_compiles_without_running(poisoned_empty):
         dry = block_sparse_attention_from_lists(q, k, v, indices, counts)
     torch.cuda.synchronize()
     assert bool(dry.isnan().all())
+    loads = []
+    monkeypatch.setattr(triton.knobs.runtime, "kernel_load_start_hook",
+                        lambda *args: loads.append(args))  # fmt: skip
     out = block_sparse_attention_from_lists(q, k, v, indices, counts)
+    assert not loads
     same_precision = block_sparse_attention_reference(q, k, v, mask)
     assert_close_to_oracle(out, same_precision, oracle_attention(q, k, v, mask))
 
