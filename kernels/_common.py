@@ -61,7 +61,11 @@ def compiling_ahead():
 
 
 def _load_compiled(entry) -> None:
+    from triton.runtime._async_compile import FutureKernel
+
     kernel, device = entry
+    if isinstance(kernel, FutureKernel):
+        kernel = kernel.result()
     with torch.cuda.device(device):
         kernel._init_handles()  # what Triton runs on a compiled kernel's first launch
 
