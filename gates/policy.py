@@ -8,6 +8,8 @@ import torch
 
 # Guards ceil() against products like 3.0000000000000004 that should be exactly 3.
 _CEIL_SLACK = 1e-9
+# How a sparsity is spent (MaskPolicy.budget).
+BUDGETS = ("row", "layer")
 
 
 @dataclass
@@ -23,6 +25,12 @@ class MaskPolicy:
     local_blocks: always keep the key blocks just before each row's diagonal, this many (a
         local window; in row i, blocks max(0, i - local_blocks) … i - 1).
     dense_last_row: always keep every causal block of the last query row.
+    budget: how a sparsity is spent. ``row``: each query row keeps its own share of its causal
+        blocks, the highest scores among them. ``layer``: the scored map of each sequence keeps
+        as many blocks in all as the rows' shares add up to, forced ones first, the rest going
+        to the highest scores relative to their row's average (score · (i + 1), threshold's
+        measure) across every head and row — rows and heads that spread their attention get
+        more, sharp ones fewer. Scores must then be each row's softmax.
     The diagonal block is always kept.
     """
 
@@ -31,6 +39,7 @@ class MaskPolicy:
     keep_sink: bool = True
     dense_last_row: bool = True
     local_blocks: int = 0
+    budget: str = "row"
 
     def __post_init__(self):
         if (self.sparsity is None) == (self.threshold is None):
@@ -42,6 +51,10 @@ class MaskPolicy:
         local = self.local_blocks
         if isinstance(local, bool) or not isinstance(local, int) or local < 0:
             raise ValueError(f"local_blocks must be an integer, 0 or more, got {local!r}.")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}.")
+        if self.budget == "layer" and self.sparsity is None:
+            raise ValueError("a layer budget spends a sparsity; a threshold has no budget.")
 
 
 @functools.lru_cache(maxsize=16)
@@ -221,6 +234,8 @@ def select_blocks(
 
     plan = _plan_for(total, policy, device, with_diagonal=True)
     ranked, k = _ranked_rows(plan, first, rows)
+    if policy.budget == "layer":
+        return _layer_budget_mask(scores, plan, first, ranked, causal, forced & causal)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=device)
     if k:
         bias = _ranking_bias(ranked, nb, policy, True, device, first)
@@ -229,6 +244,26 @@ def select_blocks(
         mask[..., :ranked, :].scatter_(-1, top, keep.expand_as(top))
     # A -inf causal score can tie with the masked upper triangle; causality wins.
     return mask & causal | forced
+
+
+def _layer_budget_mask(scores, plan: _TopkPlan, first: int, ranked: int, causal, forced):
+    """:func:`select_blocks` under a layer budget: per sequence (the first dim of 4-d scores),
+    every map keeps its forced blocks, and the blocks its rows' budgets add up to beyond them go
+    to the highest scores relative to their row's average over all the sequence's maps."""
+    rows, nb = scores.shape[-2:]
+    kept = int(plan.host_budgets[first : first + ranked].sum()) + (rows - ranked) * nb
+    extra = max(kept - int(forced.sum()), 0)
+    sequences = scores.shape[0] if scores.dim() == 4 else 1
+    block_rows = torch.arange(first + 1, first + rows + 1, device=scores.device)
+    relative = scores.float() * block_rows[:, None]
+    relative = relative.masked_fill(forced | ~causal, -math.inf).reshape(sequences, -1)
+    maps = relative.shape[1] // (rows * nb)
+    candidates = int((causal & ~forced).sum()) * maps
+    mask = forced.expand(scores.shape).reshape(sequences, -1).clone()
+    if extra and candidates:
+        top = relative.topk(min(extra * maps, candidates), dim=-1).indices
+        mask.scatter_(-1, top, True)
+    return mask.view(scores.shape)
 
 
 def select_block_lists(
@@ -243,8 +278,9 @@ def select_block_lists(
     ``indices[..., r, :counts[..., r]]``, in no particular order; slots past a row's count
     are unspecified.
     """
-    if policy.sparsity is None:
-        raise ValueError("block lists come from a sparsity policy, not a threshold.")
+    if policy.sparsity is None or policy.budget != "row":
+        raise ValueError("block lists come from a sparsity policy with row budgets; "
+                         "select_blocks takes the others.")  # fmt: skip
     first, total = _block_rows(scores, total_blocks)
     *lead, rows, nb = scores.shape
     device = scores.device

@@ -54,6 +54,16 @@ LocalBlocks = Annotated[
         "names, 0 without one).",
     ),
 ]
+Budget = Annotated[
+    str,
+    typer.Option(
+        "--budget",
+        envvar="SEER_BUDGET",
+        help="How --sparsity is spent: row (each query row keeps its share; fused GPU kernels) "
+        "or layer (each layer keeps as many blocks in all, given where the scores stand out "
+        "most against their row's average; reads long prompts better, selects in PyTorch).",
+    ),
+]
 Dense = Annotated[
     bool,
     typer.Option("--dense", envvar="SEER_DENSE", help="Dense attention: the unmodified model."),
@@ -198,10 +208,18 @@ Quiet = Annotated[
 
 
 def check_generation_flags(
-    *, sparsity, threshold, local_blocks, dense, max_tokens, temperature, top_p, top_k, truncate
-) -> None:
+    *, sparsity, threshold, local_blocks, dense, max_tokens, temperature, top_p, top_k, truncate,
+    budget="row",
+) -> None:  # fmt: skip
     """Refuse nonsense values before any model is loaded, one sentence each."""
+    from seer_gates.policy import BUDGETS
+
     from .engine.prompt import TRUNCATE_MODES
+
+    if budget not in BUDGETS:
+        raise SeerError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}.")
+    if budget != "row" and threshold is not None:
+        raise SeerError("--budget spends --sparsity; --threshold has no budget.")
 
     if sparsity is not None and threshold is not None:
         raise SeerError("give either --sparsity or --threshold, not both.")

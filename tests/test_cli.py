@@ -295,6 +295,12 @@ BAD_INPUT = [
     pytest.param(
         lambda d: ["--local-blocks", "-2"], ["--local-blocks", "0 or more", "-2"], id="local-neg"
     ),
+    pytest.param(lambda d: ["--budget", "head"], ["--budget", "row, layer", "head"], id="budget"),
+    pytest.param(
+        lambda d: ["--budget", "layer", "--threshold", "1"],
+        ["--budget", "--threshold has no budget"],
+        id="budget-threshold",
+    ),
     pytest.param(
         lambda d: ["--sparsity", "0.5", "--threshold", "0.1"],
         ["--sparsity", "--threshold", "not both"],

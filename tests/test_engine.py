@@ -236,6 +236,27 @@ def test_triton_kernel_path_matches_the_reference_path(attached, monkeypatch):
     torch.testing.assert_close(triton_logits, reference, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "triton"])
+def test_a_layer_budget_runs_every_kernel_path_as_the_reference(attached, monkeypatch, kernel):
+    """Layer budgets select from the PyTorch score map on every path, the GPU's included."""
+    if kernel == "triton" and KERNEL_DEVICE is None:
+        pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
+    device = KERNEL_DEVICE if kernel == "triton" else "cpu"
+    model = tiny_model("llama").to(device, torch.float16 if kernel == "triton" else torch.float32)
+    ids = random_ids(400).to(device)
+    gates = tiny_gates(model)
+    prefill = attached(model, MaskPolicy(sparsity=0.6, budget="layer"), gates)
+    monkeypatch.setenv("SEER_ATTENTION_KERNEL", "reference")
+    reference = logits_of(model, ids)
+    reference_kept = prefill.stats.overall()
+    prefill.stats.clear()
+    monkeypatch.setenv("SEER_ATTENTION_KERNEL", kernel)
+    torch.testing.assert_close(logits_of(model, ids), reference, rtol=1e-2, atol=1e-2)
+    assert prefill.stats.overall() == pytest.approx(reference_kept)
+    prefill.use(gates, MaskPolicy(sparsity=0.6))
+    assert not torch.equal(logits_of(model, ids), reference)  # the budget changes the blocks
+
+
 @needs_kernel_device
 @pytest.mark.parametrize("chunk", [None, 128], ids=["one-pass", "chunks"])
 def test_gates_take_their_pools_from_the_rope_pass(attached, monkeypatch, chunk):

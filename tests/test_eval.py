@@ -365,6 +365,21 @@ def test_estimators_choose_the_perplexity_rows(tiny_setup):
     assert policies == ["dense", "sink+local", "sink+local"]
 
 
+def test_budgets_add_layer_budget_rows(tiny_setup):
+    result = small_run(
+        tiny_setup, "--json", "--tasks", "perplexity", "--estimators", "gates,sink+local",
+        "--local-blocks", "0,2", "--budgets", "row,layer", "--thresholds", "",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["perplexity"]
+    per_sparsity = ["gates", "gates/layer", "gates+local2", "gates+local2/layer", "sink+local"]
+    assert [row["policy"] for row in rows] == ["dense", *per_sparsity, *per_sparsity]
+    by_policy = {row["policy"]: row for row in rows[1:6]}
+    assert by_policy["gates/layer"]["achieved_sparsity"] == pytest.approx(
+        by_policy["gates"]["achieved_sparsity"]
+    )
+
+
 def test_markdown_tables_on_stdout_and_notes_on_stderr(tiny_setup):
     result = small_run(tiny_setup, "--tasks", "perplexity,passkey")
     assert result.exit_code == 0, result.stderr
@@ -388,6 +403,7 @@ BAD_INPUT = [
     (["--tasks", "speed"], ["--tasks", "perplexity, recall, passkey"]),
     (["--estimators", "oracle-maxpool"], ["--estimators", "gates, oracle-mass, pooled"]),
     (["--estimators", ","], ["--estimators", "sink+local"]),
+    (["--budgets", "row,head"], ["--budgets", "row, layer", "head"]),
     (["--seq-len", "64"], ["--seq-len", "at least 128"]),
     (["--seq-len", str(CONTEXT + 64)], ["--seq-len", f"context of tiny-llama ({CONTEXT}"]),
     (["--seq-len", "1024"], ["0 windows of 1024 tokens", "at least 1 is needed"]),

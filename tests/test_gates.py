@@ -1,5 +1,6 @@
 """Gate module, block RoPE, mask policies, pooled estimator and gate files."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -359,6 +360,53 @@ def test_kept_causal_blocks_counts_over_everything():
 def test_policy_validation(kwargs):
     with pytest.raises(ValueError):
         MaskPolicy(**kwargs)
+
+
+def block_softmax(b: int, h: int, rows: int, nb: int, seed: int) -> torch.Tensor:
+    """Random block scores as gates give them: each row's softmax over its causal blocks."""
+    logits = 3 * torch.randn(b, h, rows, nb, generator=torch.Generator().manual_seed(seed))
+    return logits.masked_fill(~causal(nb)[nb - rows :], -math.inf).softmax(-1)
+
+
+@pytest.mark.parametrize(
+    ("rows", "total", "policy"),
+    [
+        (16, None, MaskPolicy(sparsity=0.4, budget="layer")),
+        (16, None, MaskPolicy(sparsity=0.6, local_blocks=2, dense_last_row=False, budget="layer")),
+        (5, 20, MaskPolicy(sparsity=0.5, keep_sink=False, budget="layer")),  # a chunk's rows
+    ],
+    ids=["whole", "window", "chunk"],
+)
+def test_a_layer_budget_spends_the_rows_budgets_where_scores_stand_out(rows, total, policy):
+    """As many blocks per sequence as row budgets keep; the forced ones; and beyond them the
+    highest scores relative to their row's average over all heads and rows (a loop oracle)."""
+    nb = 16
+    scores = block_softmax(2, 3, rows, nb, seed=21)
+    mask = select_blocks(scores, policy, total)
+    row_mask = select_blocks(scores, dataclasses.replace(policy, budget="row"), total)
+    assert torch.equal(mask.sum(dim=(1, 2, 3)), row_mask.sum(dim=(1, 2, 3)))
+    only_forced = dataclasses.replace(policy, sparsity=0.99, budget="row")
+    forced = select_blocks(torch.zeros_like(scores), only_forced, total)
+    assert bool((mask >= forced).all()) and not mask[..., ~causal(nb)[nb - rows :]].any()
+    assert not torch.equal(mask, row_mask)
+    for b in range(2):
+        kept, dropped = [], []
+        for h, r, j in itertools.product(range(3), range(rows), range(nb)):
+            if j > nb - rows + r or forced[b, h, r, j]:
+                continue
+            relative = float(scores[b, h, r, j]) * (nb - rows + r + 1)
+            (kept if mask[b, h, r, j] else dropped).append(relative)
+        assert kept and dropped and min(kept) >= max(dropped)
+
+
+def test_a_layer_budget_needs_a_sparsity_and_block_lists_need_row_budgets():
+    with pytest.raises(ValueError, match="threshold has no budget"):
+        MaskPolicy(threshold=1.0, budget="layer")
+    with pytest.raises(ValueError, match="budget must be one of row, layer"):
+        MaskPolicy(sparsity=0.5, budget="head")
+    with pytest.raises(ValueError, match="row budgets"):
+        layer = MaskPolicy(sparsity=0.5, budget="layer")
+        select_block_lists(block_softmax(1, 1, 4, 4, seed=0), layer)
 
 
 def test_select_blocks_rejects_more_rows_than_key_blocks():

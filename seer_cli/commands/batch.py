@@ -98,6 +98,7 @@ def batch(
     ubatch_size: opt.UbatchSize = None,
     threshold: opt.Threshold = None,
     local_blocks: opt.LocalBlocks = None,
+    budget: opt.Budget = "row",
     dense: opt.Dense = False,
     device: opt.Device = "auto",
     device_map: opt.DeviceMap = None,
@@ -122,6 +123,7 @@ def batch(
     opt.check_generation_flags(
         sparsity=sparsity, threshold=threshold, local_blocks=local_blocks, dense=dense,
         max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, truncate=truncate,
+        budget=budget,
     )  # fmt: skip
     context = opt.context_settings(
         ctx_size, rope_scaling, rope_scale, yarn_orig_ctx, yarn_attn_factor, yarn_beta_fast,
@@ -143,9 +145,10 @@ def batch(
             quiet_libraries()
             engine = Engine.load(
                 EngineOptions(model=model, gates=gates, sparsity=sparsity, threshold=threshold,
-                              local_blocks=local_blocks, dense=dense, device=device, dtype=dtype,
-                              device_map=device_map, sparse_min_tokens=sparse_min_tokens,
-                              max_memory=max_memory, ubatch_size=ubatch_size, context=context)
+                              local_blocks=local_blocks, budget=budget, dense=dense, device=device,
+                              dtype=dtype, device_map=device_map,
+                              sparse_min_tokens=sparse_min_tokens, max_memory=max_memory,
+                              ubatch_size=ubatch_size, context=context)
             )  # fmt: skip
             sampling = SamplingOptions(
                 max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed

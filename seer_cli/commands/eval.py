@@ -89,6 +89,14 @@ def evaluate(
             "budget (perplexity; 0: none).",
         ),
     ] = "0",
+    budgets: Annotated[
+        str,
+        typer.Option(
+            "--budgets",
+            help="Comma-separated ways the gates and the pooled estimator spend each sparsity: "
+            "row, layer (perplexity; see seer generate --budget).",
+        ),
+    ] = "row",
     depths: Annotated[
         str, typer.Option("--depths", help="Comma-separated passkey depths, shares of the prompt.")
     ] = "0.1,0.5,0.9",
@@ -141,6 +149,9 @@ def evaluate(
     sparsity_list = _fractions("--sparsities", sparsities)
     threshold_list = _thresholds(thresholds)
     local_list = _local_blocks(local_blocks)
+    from seer_gates.policy import BUDGETS
+
+    budget_list = _choice("--budgets", budgets, BUDGETS)
     depth_list = _fractions("--depths", depths, up_to_one=True)
     passkey_list = _fractions("--passkey-sparsities", passkey_sparsities)
     _check_flags(chosen, sparsity_list, depth_list, gates, seq_len, max_windows, trials)
@@ -202,7 +213,12 @@ def evaluate(
             report.context = evaluation.context_baseline(tracker("context"))
         if "perplexity" in chosen:
             report.perplexity = evaluation.perplexity(
-                sparsity_list, threshold_list, tracker("perplexity"), local_list, estimator_list
+                sparsity_list,
+                threshold_list,
+                tracker("perplexity"),
+                local_list,
+                estimator_list,
+                budget_list,
             )
         if "recall" in chosen:
             report.recall = evaluation.recall(sparsity_list, tracker("recall"))

@@ -210,7 +210,7 @@ class SparsePrefill:
             return causal_attention(q, k, v, scaling)
         total_blocks = block_count(prompt_end or s)
         kernel = attention_kernel(q.device)
-        if kernel == "triton":
+        if kernel == "triton" and self.policy.budget == "row":
             self._compile_ahead(layer_idx, q, k, v, scaling, captured, pooled_keys, total_blocks)
             # Gate scoring and selection fused into two launches, straight to the kernel's lists.
             indices, counts = self._block_lists(
@@ -218,12 +218,16 @@ class SparsePrefill:
             )
             self.stats.record(layer_idx, counts.sum() + b * hq * rows, causal_blocks)
             return block_sparse_attention_from_lists(q, k, v, indices, counts, scaling)
+        # Layer budgets rank a layer's whole score map: the PyTorch path scores and selects.
         scores = self._scores(layer_idx, q, k, captured, pooled_keys, total_blocks)
-        if kernel == "cpu":
+        if kernel != "reference":
             indices, counts = kept_lists(scores, self.policy, total_blocks)
             del scores
             self.stats.record(layer_idx, counts.sum() + b * hq * rows, causal_blocks)
-            return block_sparse_attention_cpu(q, k, v, indices, counts, scaling)
+            sparse = (
+                block_sparse_attention_cpu if kernel == "cpu" else block_sparse_attention_from_lists
+            )
+            return sparse(q, k, v, indices, counts, scaling)
         mask = select_blocks(scores, self.policy, total_blocks)
         causal = torch.ones(rows, nb, dtype=torch.bool, device=mask.device).tril(first)
         self.stats.record(layer_idx, (mask & causal).sum(), causal_blocks)
@@ -293,8 +297,8 @@ class SparsePrefill:
 
 def kept_lists(scores: torch.Tensor, policy: MaskPolicy, total_blocks: int):
     """The blocks ``select_blocks`` keeps, as the kernels' per-row lists (indices, counts):
-    top-k straight to lists, a threshold through its mask."""
-    if policy.sparsity is not None:
+    row budgets straight to lists, a layer budget or a threshold through its mask."""
+    if policy.sparsity is not None and policy.budget == "row":
         return select_block_lists(scores, policy, total_blocks)
     return kept_block_indices(select_blocks(scores, policy, total_blocks))
 

@@ -36,6 +36,7 @@ class EngineOptions:
     sparsity: float | None = None
     threshold: float | None = None
     local_blocks: int | None = None
+    budget: str = "row"
     dense: bool = False
     device: str = "auto"
     dtype: str = "auto"
@@ -114,6 +115,7 @@ class Engine:
                 policy = MaskPolicy(
                     sparsity=options.sparsity, threshold=options.threshold,
                     local_blocks=options.local_blocks or 0,  # None: the gate file's, below
+                    budget=options.budget,
                 )  # fmt: skip
             except ValueError as error:
                 raise SeerError(str(error)) from error

@@ -104,9 +104,10 @@ class SparsePolicy:
 
     @property
     def label(self) -> str:
-        """The estimator, and its local window if any: ``gates+local4``."""
+        """The estimator, its local window if any and a layer budget: ``gates+local4/layer``."""
         local = self.mask.local_blocks
-        return f"{self.estimator}+local{local}" if local else self.estimator
+        label = f"{self.estimator}+local{local}" if local else self.estimator
+        return f"{label}/layer" if self.mask.budget == "layer" else label
 
     def attach(self, model, gates: torch.nn.ModuleList) -> SparsePrefill:
         """Sparse prefill on ``model`` by this policy, at every prompt length (no dense
@@ -123,16 +124,18 @@ def perplexity_policies(
     thresholds: list[float],
     local_blocks: Sequence[int] = (0,),
     estimators: Sequence[str] = PERPLEXITY_ESTIMATORS,
+    budgets: Sequence[str] = ("row",),
 ) -> list[SparsePolicy]:
     """Each of ``estimators`` (of ``PERPLEXITY_ESTIMATORS``) at each sparsity, those of
-    ``LOCAL_ESTIMATORS`` once per local window of ``local_blocks`` (0: none), then the gates
-    (when among them) at each threshold."""
+    ``LOCAL_ESTIMATORS`` once per local window of ``local_blocks`` (0: none) and per budget of
+    ``budgets`` (``MaskPolicy.budget``), then the gates (when among them) at each threshold."""
     policies = [
-        SparsePolicy(estimator, MaskPolicy(sparsity=sparsity, local_blocks=local))
+        SparsePolicy(estimator, MaskPolicy(sparsity=sparsity, local_blocks=local, budget=budget))
         for sparsity in sparsities
         for estimator in PERPLEXITY_ESTIMATORS
         if estimator in estimators
         for local in (local_blocks if estimator in LOCAL_ESTIMATORS else (0,))
+        for budget in (budgets if estimator in LOCAL_ESTIMATORS else ("row",))
     ]
     if "gates" in estimators:
         policies += [SparsePolicy("gates", MaskPolicy(threshold=t)) for t in thresholds]
@@ -286,10 +289,14 @@ class Evaluation:
         progress: Progress = _no_progress,
         local_blocks: Sequence[int] = (0,),
         estimators: Sequence[str] = PERPLEXITY_ESTIMATORS,
+        budgets: Sequence[str] = ("row",),
     ) -> list[PerplexityRow]:
         """Dense first, then every policy of ``perplexity_policies``; Δ% relative to dense."""
         self.context.apply(self.seq_len)
-        policies = [None, *perplexity_policies(sparsities, thresholds, local_blocks, estimators)]
+        policies = [
+            None,
+            *perplexity_policies(sparsities, thresholds, local_blocks, estimators, budgets),
+        ]
         rows = []
         for done, policy in enumerate(policies, start=1):
             rows.append(self._perplexity_row(policy))
