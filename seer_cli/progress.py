@@ -76,9 +76,10 @@ def print_stats(console: Console, stats: GenerationStats, requested_sparsity: fl
         console.print(f"Context: {stats.n_ctx} tokens, {_rope(stats)}", soft_wrap=True)
     if stats.sparsity is not None:
         asked = f" (requested {requested_sparsity:.2f})" if requested_sparsity is not None else ""
+        budget = f", budget per {stats.budget}" if stats.budget else ""
         console.print(
             f"Sparsity: {stats.sparsity:.3f} of causal blocks skipped{asked}, "
-            f"{_SCORES[stats.scoring]}, local window {stats.local_blocks} blocks",
+            f"{_SCORES[stats.scoring]}, local window {stats.local_blocks} blocks{budget}",
             soft_wrap=True,
         )
     per_device = stats.peak_memory_gb_per_device

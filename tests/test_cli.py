@@ -257,7 +257,7 @@ def test_the_local_window_comes_from_the_gate_file_unless_given(
     result = seer(*args)
     assert result.exit_code == 0, result.stderr
     [sparsity] = [line for line in stderr_lines(result) if line.startswith("Sparsity:")]
-    assert sparsity.endswith(f", gate scores, local window {used} blocks")
+    assert sparsity.endswith(f", gate scores, local window {used} blocks, budget per row")
 
 
 def test_a_bad_local_window_in_a_gate_file_is_one_error_line(tiny_with_gates, tmp_path):

@@ -58,9 +58,9 @@ class SamplingOptions:
 
 @dataclass
 class GenerationStats:
-    """Field names follow llama.cpp's server, with ttft_ms, sparsity, the local window and the
-    block scoring of sparse prefill (``local_blocks``, ``scoring``; None where the prompt was
-    prefilled densely) and peak memory added.
+    """Field names follow llama.cpp's server, with ttft_ms, sparsity, the local window, the
+    block scoring and the budget of sparse prefill (``local_blocks``, ``scoring``, ``budget``;
+    None where the prompt was prefilled densely) and peak memory added.
 
     On GPUs ``peak_memory_gb`` sums the peaks of every GPU the model runs on, and
     ``peak_memory_gb_per_device`` holds each (``{"cuda:0": …}``); on the CPU it is the
@@ -77,6 +77,7 @@ class GenerationStats:
     sparsity_per_layer: list[float] = field(default_factory=list)
     local_blocks: int | None = None
     scoring: str | None = None  # "gates" or "pooled" (the training-free estimator)
+    budget: str | None = None  # how a sparsity was spent: "row" or "layer"; None for a threshold
     peak_memory_gb: float = 0.0
     peak_memory_gb_per_device: dict[str, float] = field(default_factory=dict)
     truncated_tokens: int = 0

@@ -213,8 +213,10 @@ class Engine:
             result.stats.sparsity = self.sparse_prefill.stats.overall()
             result.stats.sparsity_per_layer = self.sparse_prefill.stats.per_layer()
             if result.stats.sparsity is not None:
-                result.stats.local_blocks = self.sparse_prefill.policy.local_blocks
+                policy = self.sparse_prefill.policy
+                result.stats.local_blocks = policy.local_blocks
                 result.stats.scoring = self.sparse_prefill.scoring
+                result.stats.budget = policy.budget if policy.sparsity is not None else None
         return result
 
 
