@@ -235,7 +235,8 @@ def select_blocks(
     plan = _plan_for(total, policy, device, with_diagonal=True)
     ranked, k = _ranked_rows(plan, first, rows)
     if policy.budget == "layer":
-        return _layer_budget_mask(scores, plan, first, ranked, causal, forced & causal)
+        forced_count = _forced_count(nb, policy.keep_sink, policy.local_blocks, dense_row, rows)
+        return _layer_budget_mask(scores, plan, first, ranked, causal, forced, forced_count)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=device)
     if k:
         bias = _ranking_bias(ranked, nb, policy, True, device, first)
@@ -246,22 +247,29 @@ def select_blocks(
     return mask & causal | forced
 
 
-def _layer_budget_mask(scores, plan: _TopkPlan, first: int, ranked: int, causal, forced):
+@functools.lru_cache(maxsize=16)
+def _forced_count(nb: int, keep_sink: bool, local: int, dense_last_row: bool, rows: int) -> int:
+    """Forced blocks of the last ``rows`` block rows, counted on the CPU (no wait for a GPU)."""
+    return int(_forced_on(nb, keep_sink, local, dense_last_row, torch.device("cpu"), rows).sum())
+
+
+def _layer_budget_mask(scores, plan: _TopkPlan, first, ranked, causal, forced, forced_count):
     """:func:`select_blocks` under a layer budget: per sequence (the first dim of 4-d scores),
     every map keeps its forced blocks, and the blocks its rows' budgets add up to beyond them go
     to the highest scores relative to their row's average over all the sequence's maps."""
     rows, nb = scores.shape[-2:]
     kept = int(plan.host_budgets[first : first + ranked].sum()) + (rows - ranked) * nb
-    extra = max(kept - int(forced.sum()), 0)
+    extra = max(kept - forced_count, 0)
     sequences = scores.shape[0] if scores.dim() == 4 else 1
     block_rows = torch.arange(first + 1, first + rows + 1, device=scores.device)
     relative = scores.float() * block_rows[:, None]
     relative = relative.masked_fill(forced | ~causal, -math.inf).reshape(sequences, -1)
     maps = relative.shape[1] // (rows * nb)
-    candidates = int((causal & ~forced).sum()) * maps
+    causal_count = rows * (2 * first + rows + 1) // 2  # rows first … first + rows - 1
+    candidates = (causal_count - forced_count) * maps
     mask = forced.expand(scores.shape).reshape(sequences, -1).clone()
     if extra and candidates:
-        top = relative.topk(min(extra * maps, candidates), dim=-1).indices
+        top = relative.topk(min(extra * maps, candidates), dim=-1, sorted=False).indices
         mask.scatter_(-1, top, True)
     return mask.view(scores.shape)
 
