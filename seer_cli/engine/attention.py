@@ -164,7 +164,11 @@ class SparsePrefill:
     def _store(self, layer_idx: int, name: str, x: torch.Tensor) -> None:
         self._captured.setdefault(layer_idx, {})[name] = x
         # The layer's RoPE comes next, after its keys: its pass pools for the gates.
-        uses_pools = self.gates is not None and attention_kernel(x.device) == "triton"
+        uses_pools = (
+            self.gates is not None
+            and self.policy.budget == "row"  # the fused gate kernels' path
+            and attention_kernel(x.device) == "triton"
+        )
         if name == "k" and uses_pools and self._pool_in_rope:
             tap_next_rotary(lambda q, k, cos, sin: self._rotate_and_pool(layer_idx, q, k, cos, sin))
 
