@@ -30,6 +30,7 @@ from seer_gates import (
     select_block_lists,
     select_blocks,
 )
+from seer_gates.policy import LAYER_RANK_POWER
 
 B = 64
 
@@ -377,9 +378,9 @@ def block_softmax(b: int, h: int, rows: int, nb: int, seed: int) -> torch.Tensor
     ],
     ids=["whole", "window", "chunk"],
 )
-def test_a_layer_budget_spends_the_rows_budgets_where_scores_stand_out(rows, total, policy):
+def test_a_layer_budget_spends_the_rows_budgets_on_the_highest_ranks(rows, total, policy):
     """As many blocks per sequence as row budgets keep; the forced ones; and beyond them the
-    highest scores relative to their row's average over all heads and rows (a loop oracle)."""
+    highest ranks, score · (i + 1)^LAYER_RANK_POWER, over all heads and rows (a loop oracle)."""
     nb = 16
     scores = block_softmax(2, 3, rows, nb, seed=21)
     mask = select_blocks(scores, policy, total)
@@ -394,7 +395,7 @@ def test_a_layer_budget_spends_the_rows_budgets_where_scores_stand_out(rows, tot
         for h, r, j in itertools.product(range(3), range(rows), range(nb)):
             if j > nb - rows + r or forced[b, h, r, j]:
                 continue
-            relative = float(scores[b, h, r, j]) * (nb - rows + r + 1)
+            relative = float(scores[b, h, r, j]) * (nb - rows + r + 1) ** LAYER_RANK_POWER
             (kept if mask[b, h, r, j] else dropped).append(relative)
         assert kept and dropped and min(kept) >= max(dropped)
 
