@@ -47,7 +47,8 @@ class GateConfig:
     """Settings shared by every layer's gate, stored beside the weights.
 
     `metadata` is free-form and JSON-serializable: training settings, data summary, and
-    `local_blocks`, the local window the gates are meant to run with.
+    `local_blocks`, the local window the gates are meant to run with, and `layer_rank_power`,
+    the rank a layer budget orders their scores by.
     """
 
     base_model: str
@@ -87,6 +88,17 @@ class GateConfig:
             raise ValueError(
                 f"the metadata's local_blocks must be a whole number, 0 or more, got {local!r}."
             )
+        power = self.layer_rank_power
+        if isinstance(power, bool) or not isinstance(power, int | float) or not 0 <= power < 16:
+            raise ValueError(
+                f"the metadata's layer_rank_power must be a number in [0, 16), got {power!r}."
+            )
+
+    @property
+    def layer_rank_power(self) -> float:
+        """The power of the row length a layer budget ranks these gates' scores by
+        (`MaskPolicy.rank_power`): the metadata's `layer_rank_power`, 1 where it has none."""
+        return self.metadata.get("layer_rank_power", 1.0)
 
     @property
     def local_blocks(self) -> int:

@@ -10,12 +10,6 @@ import torch
 _CEIL_SLACK = 1e-9
 # How a sparsity is spent (MaskPolicy.budget).
 BUDGETS = ("row", "layer")
-# A layer budget ranks a block by score · (i + 1)^LAYER_RANK_POWER in block row i. Power 1 is
-# the threshold's measure (the score against its row's average); a higher one gives long rows
-# more of the budget. Measured on three held-out 32k windows (EVAL.md): gates + local 4 at
-# top-k 0.9 / 0.95 cost −0.56 / +2.38 % with 2, −0.01 / +3.06 % with 1.5 (CPU); power 1
-# +0.53 / +3.57 % (H100).
-LAYER_RANK_POWER = 2
 
 
 @dataclass
@@ -34,9 +28,12 @@ class MaskPolicy:
     budget: how a sparsity is spent. ``row``: each query row keeps its own share of its causal
         blocks, the highest scores among them. ``layer``: the scored map of each sequence keeps
         as many blocks in all as the rows' shares add up to, forced ones first, the rest going
-        to the highest scores weighted by their row's length (score · (i + 1)^2, see
-        ``LAYER_RANK_POWER``) across every head and row — rows and heads that spread their
+        to the highest ranks across every head and row — rows and heads that spread their
         attention get more, sharp ones fewer. Scores must then be each row's softmax.
+    rank_power: a layer budget ranks block j of row i by score · (i + 1)^rank_power. 1 is the
+        threshold's measure (the score against its row's average); a higher power gives long
+        rows more of the budget. Gate files name theirs (``GateConfig.layer_rank_power``),
+        measured: 2 for the default model's 32k gates, 1 at 8k (EVAL.md).
     The diagonal block is always kept.
     """
 
@@ -46,6 +43,7 @@ class MaskPolicy:
     dense_last_row: bool = True
     local_blocks: int = 0
     budget: str = "row"
+    rank_power: float = 1.0
 
     def __post_init__(self):
         if (self.sparsity is None) == (self.threshold is None):
@@ -59,6 +57,8 @@ class MaskPolicy:
             raise ValueError(f"local_blocks must be an integer, 0 or more, got {local!r}.")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}.")
+        if not 0 <= self.rank_power < math.inf:
+            raise ValueError(f"rank_power must be finite and 0 or more, got {self.rank_power}.")
         if self.budget == "layer" and self.sparsity is None:
             raise ValueError("a layer budget spends a sparsity; a threshold has no budget.")
 
@@ -242,7 +242,9 @@ def select_blocks(
     ranked, k = _ranked_rows(plan, first, rows)
     if policy.budget == "layer":
         forced_count = _forced_count(nb, policy.keep_sink, policy.local_blocks, dense_row, rows)
-        return _layer_budget_mask(scores, plan, first, ranked, causal, forced, forced_count)
+        return _layer_budget_mask(
+            scores, plan, first, ranked, causal, forced, forced_count, policy.rank_power
+        )
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=device)
     if k:
         bias = _ranking_bias(ranked, nb, policy, True, device, first)
@@ -259,16 +261,17 @@ def _forced_count(nb: int, keep_sink: bool, local: int, dense_last_row: bool, ro
     return int(_forced_on(nb, keep_sink, local, dense_last_row, torch.device("cpu"), rows).sum())
 
 
-def _layer_budget_mask(scores, plan: _TopkPlan, first, ranked, causal, forced, forced_count):
+def _layer_budget_mask(scores, plan: _TopkPlan, first, ranked, causal, forced, forced_count,
+                       power: float):  # fmt: skip
     """:func:`select_blocks` under a layer budget: per sequence (the first dim of 4-d scores),
     every map keeps its forced blocks, and the blocks its rows' budgets add up to beyond them go
-    to the highest ranks (``LAYER_RANK_POWER``) over all the sequence's maps."""
+    to the highest ranks, score · (i + 1)^power, over all the sequence's maps."""
     rows, nb = scores.shape[-2:]
     kept = int(plan.host_budgets[first : first + ranked].sum()) + (rows - ranked) * nb
     extra = max(kept - forced_count, 0)
     sequences = scores.shape[0] if scores.dim() == 4 else 1
     block_rows = torch.arange(first + 1, first + rows + 1, device=scores.device)
-    relative = scores.float() * block_rows[:, None].float() ** LAYER_RANK_POWER
+    relative = scores.float() * block_rows[:, None].float() ** power
     relative = relative.masked_fill(forced | ~causal, -math.inf).reshape(sequences, -1)
     maps = relative.shape[1] // (rows * nb)
     causal_count = rows * (2 * first + rows + 1) // 2  # rows first … first + rows - 1

@@ -30,7 +30,6 @@ from seer_gates import (
     select_block_lists,
     select_blocks,
 )
-from seer_gates.policy import LAYER_RANK_POWER
 
 B = 64
 
@@ -373,14 +372,20 @@ def block_softmax(b: int, h: int, rows: int, nb: int, seed: int) -> torch.Tensor
     ("rows", "total", "policy"),
     [
         (16, None, MaskPolicy(sparsity=0.4, budget="layer")),
-        (16, None, MaskPolicy(sparsity=0.6, local_blocks=2, dense_last_row=False, budget="layer")),
+        (
+            16,
+            None,
+            MaskPolicy(
+                sparsity=0.6, local_blocks=2, dense_last_row=False, budget="layer", rank_power=2.0
+            ),
+        ),  # fmt: skip
         (5, 20, MaskPolicy(sparsity=0.5, keep_sink=False, budget="layer")),  # a chunk's rows
     ],
     ids=["whole", "window", "chunk"],
 )
 def test_a_layer_budget_spends_the_rows_budgets_on_the_highest_ranks(rows, total, policy):
     """As many blocks per sequence as row budgets keep; the forced ones; and beyond them the
-    highest ranks, score · (i + 1)^LAYER_RANK_POWER, over all heads and rows (a loop oracle)."""
+    highest ranks, score · (i + 1)^rank_power, over all heads and rows (a loop oracle)."""
     nb = 16
     scores = block_softmax(2, 3, rows, nb, seed=21)
     mask = select_blocks(scores, policy, total)
@@ -395,7 +400,7 @@ def test_a_layer_budget_spends_the_rows_budgets_on_the_highest_ranks(rows, total
         for h, r, j in itertools.product(range(3), range(rows), range(nb)):
             if j > nb - rows + r or forced[b, h, r, j]:
                 continue
-            relative = float(scores[b, h, r, j]) * (nb - rows + r + 1) ** LAYER_RANK_POWER
+            relative = float(scores[b, h, r, j]) * (nb - rows + r + 1) ** policy.rank_power
             (kept if mask[b, h, r, j] else dropped).append(relative)
         assert kept and dropped and min(kept) >= max(dropped)
 
@@ -403,6 +408,8 @@ def test_a_layer_budget_spends_the_rows_budgets_on_the_highest_ranks(rows, total
 def test_a_layer_budget_needs_a_sparsity_and_block_lists_need_row_budgets():
     with pytest.raises(ValueError, match="threshold has no budget"):
         MaskPolicy(threshold=1.0, budget="layer")
+    with pytest.raises(ValueError, match="rank_power must be finite"):
+        MaskPolicy(sparsity=0.5, budget="layer", rank_power=-1.0)
     with pytest.raises(ValueError, match="budget must be one of row, layer"):
         MaskPolicy(sparsity=0.5, budget="head")
     with pytest.raises(ValueError, match="row budgets"):
@@ -588,6 +595,21 @@ def test_a_bad_local_window_in_a_gate_file_is_refused(tmp_path, value):
         f"{path} has an unusable gate config: the metadata's local_blocks must be a whole "
         f"number, 0 or more, got {value!r}."
     )
+
+
+@pytest.mark.parametrize("value", [-1, 16, True, "2"])
+def test_a_bad_rank_power_in_a_gate_file_is_refused(tmp_path, value):
+    from safetensors.torch import load_file, save_file
+
+    config = make_config(metadata={"layer_rank_power": 2.0})
+    path = tmp_path / "bad.safetensors"
+    save_gates(path, build_gates(config), config)
+    assert load_gates(path)[0].layer_rank_power == 2.0
+    settings = json.loads(config.to_json())
+    settings["metadata"]["layer_rank_power"] = value
+    save_file(load_file(path), path, metadata={"seer_gate_config": json.dumps(settings)})
+    with pytest.raises(GateFileError, match="layer_rank_power must be a number in"):
+        load_gates(path)
 
 
 def write_published(folder, state, **config):

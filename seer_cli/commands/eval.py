@@ -186,7 +186,7 @@ def evaluate(
     gate_path = resolve_gate_path(gates, loaded, source.name)
     context = ModelContext(loaded, source.name, context_settings)
     chosen, tail = _long_context(chosen, tasks is None, tail, seq_len, context, source.name)
-    _, trained_gates = load_model_gates(gate_path, loaded, source.name, torch_device)
+    gate_config, trained_gates = load_model_gates(gate_path, loaded, source.name, torch_device)
     windows, summary = token_windows(tokenizer, data, seq_len, max_windows, seed, min_windows=1)
     evaluation = Evaluation(loaded, tokenizer, trained_gates, windows, context, tail)
     scaling = evaluation.scaling()
@@ -219,6 +219,7 @@ def evaluate(
                 local_list,
                 estimator_list,
                 budget_list,
+                gate_config.layer_rank_power,
             )
         if "recall" in chosen:
             report.recall = evaluation.recall(sparsity_list, tracker("recall"))

@@ -142,6 +142,7 @@ class Engine:
             gates = None
             if gate_path:
                 config, gates = load_model_gates(gate_path, model, source.name, device)
+                policy = replace(policy, rank_power=config.layer_rank_power)
                 if options.local_blocks is None:  # the window the gates are meant to run with
                     policy = replace(policy, local_blocks=config.local_blocks)
             min_tokens = options.sparse_min_tokens
@@ -233,8 +234,9 @@ def _shipped_extended_scoring(
         return None
     path = resolve_gate_path("auto", model, model_name, rope_scaling=scaling.kind)
     if trained_rope_scaling(Path(path)) != scaling.kind:
-        return None, replace(policy, local_blocks=options.local_blocks or 0)
+        return None, replace(policy, local_blocks=options.local_blocks or 0, rank_power=1.0)
     config, gates = load_model_gates(path, model, model_name, device)
+    policy = replace(policy, rank_power=config.layer_rank_power)
     if options.local_blocks is None:
         policy = replace(policy, local_blocks=config.local_blocks)
     return gates, policy

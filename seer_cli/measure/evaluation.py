@@ -125,12 +125,22 @@ def perplexity_policies(
     local_blocks: Sequence[int] = (0,),
     estimators: Sequence[str] = PERPLEXITY_ESTIMATORS,
     budgets: Sequence[str] = ("row",),
+    gate_rank_power: float = 1.0,
 ) -> list[SparsePolicy]:
     """Each of ``estimators`` (of ``PERPLEXITY_ESTIMATORS``) at each sparsity, those of
     ``LOCAL_ESTIMATORS`` once per local window of ``local_blocks`` (0: none) and per budget of
-    ``budgets`` (``MaskPolicy.budget``), then the gates (when among them) at each threshold."""
+    ``budgets`` (``MaskPolicy.budget``; the gates rank by ``gate_rank_power``, their file's),
+    then the gates (when among them) at each threshold."""
     policies = [
-        SparsePolicy(estimator, MaskPolicy(sparsity=sparsity, local_blocks=local, budget=budget))
+        SparsePolicy(
+            estimator,
+            MaskPolicy(
+                sparsity=sparsity,
+                local_blocks=local,
+                budget=budget,
+                rank_power=gate_rank_power if estimator == "gates" else 1.0,
+            ),
+        )  # fmt: skip
         for sparsity in sparsities
         for estimator in PERPLEXITY_ESTIMATORS
         if estimator in estimators
@@ -290,12 +300,15 @@ class Evaluation:
         local_blocks: Sequence[int] = (0,),
         estimators: Sequence[str] = PERPLEXITY_ESTIMATORS,
         budgets: Sequence[str] = ("row",),
+        gate_rank_power: float = 1.0,
     ) -> list[PerplexityRow]:
         """Dense first, then every policy of ``perplexity_policies``; Δ% relative to dense."""
         self.context.apply(self.seq_len)
         policies = [
             None,
-            *perplexity_policies(sparsities, thresholds, local_blocks, estimators, budgets),
+            *perplexity_policies(
+                sparsities, thresholds, local_blocks, estimators, budgets, gate_rank_power
+            ),
         ]
         rows = []
         for done, policy in enumerate(policies, start=1):
