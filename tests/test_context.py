@@ -653,6 +653,26 @@ def test_eval_reports_the_yarn_knobs(tiny_folder):
     assert yarn_knobs(report["scaling"]) == (0.9, 32, 2)
 
 
+def test_eval_auto_gates_are_those_for_the_windows_context(tiny_folder, tmp_path, monkeypatch):
+    """--gates auto scores windows past the native context with the file distilled under their
+    extension, as `seer generate` scores such a prompt, and shorter ones with the native file."""
+    model = tiny_model("llama")
+    files = {}
+    for name, scaling in (("native", "none"), ("extended", "yarn")):
+        config = gate_config(model, "tiny-llama")
+        config.metadata = {"model_identity": model_identity(model), "rope_scaling": scaling}
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_gates(files[name], tiny_gates(model), config)
+    monkeypatch.setattr(identity, "shipped_gate_files", lambda: sorted(files.values()))
+    args = [a for a in eval_args(tiny_folder) if a != str(tiny_folder / "gates.safetensors")]
+    args.remove("--gates")
+    for seq_len, expected in (("2048", "extended"), ("512", "native")):
+        result = run(*args, "--seq-len", seq_len, "--tasks", "perplexity", "--sparsities", "0.5",
+                     "--thresholds", "", "--json")  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout)["gates"] == str(files[expected])
+
+
 def test_evaluation_tail_perplexity_counts_the_last_tokens():
     model = tiny_model("llama")
     windows = [random_ids(600, seed=i)[0] for i in range(2)]

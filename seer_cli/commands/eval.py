@@ -183,9 +183,13 @@ def evaluate(
     source = resolve_model(model)
     check_gate_option(gates)
     loaded, tokenizer = load_model(source, torch_device, torch_dtype, placement)
-    gate_path = resolve_gate_path(gates, loaded, source.name)
     context = ModelContext(loaded, source.name, context_settings)
     chosen, tail = _long_context(chosen, tasks is None, tail, seq_len, context, source.name)
+    # 'auto' picks the gates `seer generate` scores a prompt of this length with.
+    window_scaling = context.scaling_for(seq_len)
+    gate_path = resolve_gate_path(
+        gates, loaded, source.name, window_scaling.kind if window_scaling else "none"
+    )
     gate_config, trained_gates = load_model_gates(gate_path, loaded, source.name, torch_device)
     windows, summary = token_windows(tokenizer, data, seq_len, max_windows, seed, min_windows=1)
     evaluation = Evaluation(loaded, tokenizer, trained_gates, windows, context, tail)
