@@ -63,6 +63,8 @@ SWEEP = [
     (gate_select, "KEY_COLUMNS", 128),
     (gate_select, "SELECT_ELEMENTS", 1024),
     (gate_select, "SELECT_ELEMENTS", 4096),
+    (gate_select, "SELECT_WIDTHS", 2),
+    (gate_select, "SELECT_WIDTHS", 1),
     (gate_select, "_program_slots", 1),
     (gate_select, "_program_slots", 4),
 ]

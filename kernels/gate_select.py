@@ -22,6 +22,9 @@ from .gate_features import DOT_PRECISION, FEATURE_ROWS, _check_device
 KEY_COLUMNS = 64
 SELECT_ELEMENTS = 2048
 SELECT_WARPS, SELECT_STAGES = 4, 2
+# Row widths the selection searches (3: the longest row's, half and a quarter of it; 2: the
+# first two). Each is compiled code of its own: fewer widths compile sooner.
+SELECT_WIDTHS = 3
 
 
 @triton.jit
@@ -146,7 +149,7 @@ def _select_lists(
     HIDDEN: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, KEYS: tl.constexpr,
     KEYS_HALF: tl.constexpr, KEYS_QUARTER: tl.constexpr, SEL_FULL: tl.constexpr,
     SEL_HALF: tl.constexpr, SEL_QUARTER: tl.constexpr, TOP_K: tl.constexpr,
-    KEEP_SINK: tl.constexpr,
+    KEEP_SINK: tl.constexpr, WIDTHS: tl.constexpr,
 ):  # fmt: skip
     # Persistent: program p takes work items p, p + P, … ; an item is ROWS query rows of one
     # head, heaviest (last) rows first. Its logits go to this program's own scratch slice.
@@ -183,11 +186,11 @@ def _select_lists(
         counts_out = Counts + batch * stride_cb + head * stride_ch
         args = (scratch, Budgets, out, counts_out, group, q_blocks, query_offset, budget_rows,
                 dense_row, local_blocks, width, stride_in, score_scale, threshold)  # fmt: skip
-        # Rows search only the keys they have, in the smallest of three widths that holds
+        # Rows search only the keys they have, in the smallest of the WIDTHS widths that holds
         # them: the short rows of a causal map need not search the longest row's width.
-        if key_end <= KEYS_QUARTER:
+        if WIDTHS > 2 and key_end <= KEYS_QUARTER:
             _select_rows(*args, ROWS, KEYS_QUARTER, KEYS, SEL_QUARTER, TOP_K, KEEP_SINK)
-        elif key_end <= KEYS_HALF:
+        elif WIDTHS > 1 and key_end <= KEYS_HALF:
             _select_rows(*args, ROWS, KEYS_HALF, KEYS, SEL_HALF, TOP_K, KEEP_SINK)
         else:
             _select_rows(*args, ROWS, KEYS, KEYS, SEL_FULL, TOP_K, KEEP_SINK)
@@ -279,6 +282,7 @@ def block_lists_from_features(
             HIDDEN=hidden, ROWS=FEATURE_ROWS, COLS=KEY_COLUMNS, KEYS=key_slots, KEYS_HALF=half,
             KEYS_QUARTER=quarter, SEL_FULL=_sel_rows(key_slots), SEL_HALF=_sel_rows(half),
             SEL_QUARTER=_sel_rows(quarter), TOP_K=top_k,
-            KEEP_SINK=keep_sink, num_warps=SELECT_WARPS, num_stages=SELECT_STAGES,
+            KEEP_SINK=keep_sink, WIDTHS=SELECT_WIDTHS, num_warps=SELECT_WARPS,
+            num_stages=SELECT_STAGES,
         )  # fmt: skip
     return indices, counts

@@ -152,10 +152,12 @@ def test_a_chunk_of_queries_keeps_the_blocks_of_the_pytorch_path(policy_name, po
         torch.testing.assert_close(lists_to_mask(*lists, nb), expected)
 
 
-def test_selection_in_several_passes_per_work_item(monkeypatch):
-    """Rows selected a few at a time (as at long lengths on the GPU) and more work items than
-    programs keep the same blocks."""
+@pytest.mark.parametrize("widths", [3, 2, 1])
+def test_selection_in_several_passes_per_work_item(widths, monkeypatch):
+    """Rows selected a few at a time (as at long lengths on the GPU), more work items than
+    programs and any number of row widths keep the same blocks."""
     monkeypatch.setattr(gate_select, "SELECT_ELEMENTS", 64)
+    monkeypatch.setattr(gate_select, "SELECT_WIDTHS", widths)
     monkeypatch.setattr(gate_select, "_program_slots", lambda device: 2)
     shape = (2100, 2, 1, 64, 64, False)
     gate, q, k, cos, sin = gate_inputs(shape, KERNEL_DTYPES[0])
