@@ -63,7 +63,7 @@ SWEEP = [
     (gate_select, "KEY_COLUMNS", 128),
     (gate_select, "SELECT_ELEMENTS", 1024),
     (gate_select, "SELECT_ELEMENTS", 4096),
-    (gate_select, "SELECT_WIDTHS", 2),
+    (gate_select, "SELECT_WIDTHS", 3),
     (gate_select, "SELECT_WIDTHS", 1),
     (gate_select, "_program_slots", 1),
     (gate_select, "_program_slots", 4),

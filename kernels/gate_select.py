@@ -23,8 +23,9 @@ KEY_COLUMNS = 64
 SELECT_ELEMENTS = 2048
 SELECT_WARPS, SELECT_STAGES = 4, 2
 # Row widths the selection searches (3: the longest row's, half and a quarter of it; 2: the
-# first two). Each is compiled code of its own: fewer widths compile sooner.
-SELECT_WIDTHS = 3
+# first two; 1: the longest). Each is compiled code of its own: on the H100 two widths cost
+# +6 % selection time against three and compile ~1 s sooner on a first run (BENCHMARKS.md).
+SELECT_WIDTHS = 2
 
 
 @triton.jit
