@@ -19,6 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .gate import AttnGate
+from .policy import BUDGETS
 
 SUPPORTED_GATE_TYPES = ("Qavg_Kmaxminavg",)
 CONFIG_METADATA_KEY = "seer_gate_config"
@@ -47,8 +48,9 @@ class GateConfig:
     """Settings shared by every layer's gate, stored beside the weights.
 
     `metadata` is free-form and JSON-serializable: training settings, data summary, and
-    `local_blocks`, the local window the gates are meant to run with, and `layer_rank_power`,
-    the rank a layer budget orders their scores by.
+    `local_blocks`, the local window the gates are meant to run with, `budget`, how a sparsity
+    is spent with them by default, and `layer_rank_power`, the rank a layer budget orders their
+    scores by.
     """
 
     base_model: str
@@ -88,11 +90,21 @@ class GateConfig:
             raise ValueError(
                 f"the metadata's local_blocks must be a whole number, 0 or more, got {local!r}."
             )
+        if self.budget not in BUDGETS:
+            raise ValueError(
+                f"the metadata's budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}."
+            )
         power = self.layer_rank_power
         if isinstance(power, bool) or not isinstance(power, int | float) or not 0 <= power < 16:
             raise ValueError(
                 f"the metadata's layer_rank_power must be a number in [0, 16), got {power!r}."
             )
+
+    @property
+    def budget(self) -> str:
+        """How a sparsity is spent with these gates unless asked otherwise
+        (`MaskPolicy.budget`): the metadata's `budget`, ``row`` where it has none."""
+        return self.metadata.get("budget", "row")
 
     @property
     def layer_rank_power(self) -> float:

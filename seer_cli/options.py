@@ -55,13 +55,14 @@ LocalBlocks = Annotated[
     ),
 ]
 Budget = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--budget",
         envvar="SEER_BUDGET",
         help="How --sparsity is spent: row (each query row keeps its share; fused GPU kernels) "
         "or layer (each layer keeps as many blocks in all, given where the scores stand out "
-        "most against their row's average; reads long prompts better, selects in PyTorch).",
+        "most against their row's average; reads long prompts better, selects in PyTorch). "
+        "Default: the gate file's (layer for the default model's 32k gates), else row.",
     ),
 ]
 Dense = Annotated[
@@ -209,16 +210,16 @@ Quiet = Annotated[
 
 def check_generation_flags(
     *, sparsity, threshold, local_blocks, dense, max_tokens, temperature, top_p, top_k, truncate,
-    budget="row",
+    budget=None,
 ) -> None:  # fmt: skip
     """Refuse nonsense values before any model is loaded, one sentence each."""
     from seer_gates.policy import BUDGETS
 
     from .engine.prompt import TRUNCATE_MODES
 
-    if budget not in BUDGETS:
+    if budget is not None and budget not in BUDGETS:
         raise SeerError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}.")
-    if budget != "row" and threshold is not None:
+    if budget == "layer" and threshold is not None:
         raise SeerError("--budget spends --sparsity; --threshold has no budget.")
 
     if sparsity is not None and threshold is not None:

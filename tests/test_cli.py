@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BOOK, long_book
-from seer_gates import GateConfig, block_count, build_gates, read_gate_config, save_gates
+from seer_gates import (
+    GateConfig,
+    block_count,
+    build_gates,
+    load_gates,
+    read_gate_config,
+    save_gates,
+)
 from tiny_models import gate_config, save_tiny_model, tiny_gates, tiny_model, topk_sparsity
 from typer.testing import CliRunner
 
@@ -258,6 +265,38 @@ def test_the_local_window_comes_from_the_gate_file_unless_given(
     assert result.exit_code == 0, result.stderr
     [sparsity] = [line for line in stderr_lines(result) if line.startswith("Sparsity:")]
     assert sparsity.endswith(f", gate scores, local window {used} blocks, budget per row")
+
+
+@pytest.mark.parametrize(
+    "flag, env, config, used",
+    [
+        ([], {}, "", "layer"),
+        (["--budget", "row"], {}, "", "row"),
+        ([], {"SEER_BUDGET": "row"}, "", "row"),
+        ([], {}, 'budget = "row"', "row"),
+        (["--threshold", "1"], {}, "", None),
+    ],
+    ids=["from-the-file", "flag-row", "environment-row", "config-file-row", "threshold"],
+)
+def test_the_budget_comes_from_the_gate_file_unless_given(
+    tiny_with_gates, tmp_path, monkeypatch, flag, env, config, used
+):
+    """A gate file naming a layer budget spends --sparsity per layer unless a budget is given;
+    a threshold has no budget, whatever the file names."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if config:
+        (tmp_path / "config.toml").write_text(config)
+        monkeypatch.setenv("SEER_CONFIG", str(tmp_path / "config.toml"))
+    model, gates = tiny_with_gates
+    settings = read_gate_config(gates)
+    layered = tmp_path / "layered.safetensors"
+    settings.metadata = {**settings.metadata, "budget": "layer"}
+    save_gates(layered, load_gates(gates)[1], settings)
+    sparsity = [] if "--threshold" in flag else ["--sparsity", "0.5"]
+    args = ["--model", str(model), "--gates", str(layered), "-p", "x" * 600, "-n", "1",
+            *sparsity, *flag]  # fmt: skip
+    assert json_run(*args)["budget"] == used
 
 
 def test_a_bad_local_window_in_a_gate_file_is_one_error_line(tiny_with_gates, tmp_path):

@@ -597,8 +597,17 @@ def test_a_bad_local_window_in_a_gate_file_is_refused(tmp_path, value):
     )
 
 
-@pytest.mark.parametrize("value", [-1, 16, True, "2"])
-def test_a_bad_rank_power_in_a_gate_file_is_refused(tmp_path, value):
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("layer_rank_power", -1, "layer_rank_power must be a number in"),
+        ("layer_rank_power", 16, "layer_rank_power must be a number in"),
+        ("layer_rank_power", True, "layer_rank_power must be a number in"),
+        ("layer_rank_power", "2", "layer_rank_power must be a number in"),
+        ("budget", "head", "budget must be one of row, layer"),
+    ],
+)
+def test_a_bad_layer_budget_setting_in_a_gate_file_is_refused(tmp_path, key, value, message):
     from safetensors.torch import load_file, save_file
 
     config = make_config(metadata={"layer_rank_power": 2.0})
@@ -606,9 +615,9 @@ def test_a_bad_rank_power_in_a_gate_file_is_refused(tmp_path, value):
     save_gates(path, build_gates(config), config)
     assert load_gates(path)[0].layer_rank_power == 2.0
     settings = json.loads(config.to_json())
-    settings["metadata"]["layer_rank_power"] = value
+    settings["metadata"][key] = value
     save_file(load_file(path), path, metadata={"seer_gate_config": json.dumps(settings)})
-    with pytest.raises(GateFileError, match="layer_rank_power must be a number in"):
+    with pytest.raises(GateFileError, match=message):
         load_gates(path)
 
 

@@ -98,7 +98,7 @@ def batch(
     ubatch_size: opt.UbatchSize = None,
     threshold: opt.Threshold = None,
     local_blocks: opt.LocalBlocks = None,
-    budget: opt.Budget = "row",
+    budget: opt.Budget = None,
     dense: opt.Dense = False,
     device: opt.Device = "auto",
     device_map: opt.DeviceMap = None,

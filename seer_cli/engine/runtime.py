@@ -29,14 +29,15 @@ class EngineOptions:
     past 32768 tokens, else one pass), which bounds the activations' memory.
     ``local_blocks``: key blocks before each diagonal that sparse prefill always keeps
     (``MaskPolicy.local_blocks``); None: the window the gate file names (0 where it names
-    none, and for the pooled estimator)."""
+    none, and for the pooled estimator). ``budget``: how a sparsity is spent
+    (``MaskPolicy.budget``); None: as the gate file names (row where it names none)."""
 
     model: str | None = None
     gates: str = "auto"
     sparsity: float | None = None
     threshold: float | None = None
     local_blocks: int | None = None
-    budget: str = "row"
+    budget: str | None = None  # None: the gate file's (row without one)
     dense: bool = False
     device: str = "auto"
     dtype: str = "auto"
@@ -115,7 +116,7 @@ class Engine:
                 policy = MaskPolicy(
                     sparsity=options.sparsity, threshold=options.threshold,
                     local_blocks=options.local_blocks or 0,  # None: the gate file's, below
-                    budget=options.budget,
+                    budget=options.budget or "row",  # None: the gate file's, below
                 )  # fmt: skip
             except ValueError as error:
                 raise SeerError(str(error)) from error
@@ -142,9 +143,7 @@ class Engine:
             gates = None
             if gate_path:
                 config, gates = load_model_gates(gate_path, model, source.name, device)
-                policy = replace(policy, rank_power=config.layer_rank_power)
-                if options.local_blocks is None:  # the window the gates are meant to run with
-                    policy = replace(policy, local_blocks=config.local_blocks)
+                policy = _with_gate_settings(policy, config, options)
             min_tokens = options.sparse_min_tokens
             if min_tokens is None:
                 min_tokens = default_min_sparse_tokens(device, options.sparsity)
@@ -234,12 +233,24 @@ def _shipped_extended_scoring(
         return None
     path = resolve_gate_path("auto", model, model_name, rope_scaling=scaling.kind)
     if trained_rope_scaling(Path(path)) != scaling.kind:
-        return None, replace(policy, local_blocks=options.local_blocks or 0, rank_power=1.0)
+        return None, replace(
+            policy, local_blocks=options.local_blocks or 0, budget=options.budget or "row",
+            rank_power=1.0,
+        )  # fmt: skip
     config, gates = load_model_gates(path, model, model_name, device)
+    return gates, _with_gate_settings(policy, config, options)
+
+
+def _with_gate_settings(policy, config, options: EngineOptions):
+    """``policy`` with what the gate file names where the options leave it open: the local
+    window the gates are meant to run with, the budget a sparsity is spent with, and the rank
+    power of a layer budget."""
     policy = replace(policy, rank_power=config.layer_rank_power)
     if options.local_blocks is None:
         policy = replace(policy, local_blocks=config.local_blocks)
-    return gates, policy
+    if options.budget is None and policy.sparsity is not None:
+        policy = replace(policy, budget=config.budget)
+    return policy
 
 
 def check_ubatch_size(ubatch_size: int) -> None:
