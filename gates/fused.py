@@ -1,18 +1,24 @@
 """Gate scoring and block selection in two fused launches (GPU, or the Triton interpreter).
 
 The same kept blocks as ``select_block_lists`` / ``select_blocks`` on the gate's scores, without
-the score map, and with nothing read back to the host: list widths come from the policy's row
-budgets, known from the shape alone. Queries may be the last rows of the keys (a chunk of a
-prompt, or a prompt continuing a cache), as for the block-sparse kernel.
+the score map (a layer budget makes one map of ranks), and with nothing read back to the host:
+list widths come from the policy's row budgets, known from the shape alone. Queries may be the
+last rows of the keys (a chunk of a prompt, or a prompt continuing a cache), as for the
+block-sparse kernel.
 """
 
 import math
 
 import torch
-from seer_kernels import block_lists_from_features, gate_block_features, pooled_block_features
+from seer_kernels import (
+    block_lists_from_features,
+    gate_block_features,
+    layer_block_lists_from_features,
+    pooled_block_features,
+)
 
 from .gate import AttnGate
-from .policy import MaskPolicy, _plan_for
+from .policy import MaskPolicy, _plan_for, layer_rank_scale, layer_ranked_count
 
 
 def _select(qf, kf, policy: MaskPolicy, scale: float, total_blocks: int | None):
@@ -29,6 +35,10 @@ def _select(qf, kf, policy: MaskPolicy, scale: float, total_blocks: int | None):
                   dense_row=dense_row, query_offset=nb - nq, max_keys=total)  # fmt: skip
     if policy.threshold is not None:
         return block_lists_from_features(qf, kf, threshold=policy.threshold, **common)
+    if policy.budget == "layer":
+        keep = layer_ranked_count(policy, total, nb, nq, qf.device) * qf.shape[1]
+        row_scale = layer_rank_scale(total, policy.rank_power, qf.device)
+        return layer_block_lists_from_features(qf, kf, keep=keep, row_scale=row_scale, **common)
     plan = _plan_for(total, policy, qf.device, with_diagonal=False)
     width = max(plan.k, nb - 1 if nb == total and policy.dense_last_row else 0, 1)
     return block_lists_from_features(qf, kf, budgets=plan.budgets, width=width, **common)

@@ -238,13 +238,10 @@ def select_blocks(
     if policy.threshold is not None:
         return (scores > _row_thresholds(policy.threshold, nb, rows, device)) & causal | forced
 
+    if policy.budget == "layer":
+        return _layer_budget_mask(scores, policy, total, causal, forced)
     plan = _plan_for(total, policy, device, with_diagonal=True)
     ranked, k = _ranked_rows(plan, first, rows)
-    if policy.budget == "layer":
-        forced_count = _forced_count(nb, policy.keep_sink, policy.local_blocks, dense_row, rows)
-        return _layer_budget_mask(
-            scores, plan, first, ranked, causal, forced, forced_count, policy.rank_power
-        )
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=device)
     if k:
         bias = _ranking_bias(ranked, nb, policy, True, device, first)
@@ -261,24 +258,41 @@ def _forced_count(nb: int, keep_sink: bool, local: int, dense_last_row: bool, ro
     return int(_forced_on(nb, keep_sink, local, dense_last_row, torch.device("cpu"), rows).sum())
 
 
-def _layer_budget_mask(scores, plan: _TopkPlan, first, ranked, causal, forced, forced_count,
-                       power: float):  # fmt: skip
+def layer_ranked_count(policy: MaskPolicy, total: int, nb: int, rows: int, device) -> int:
+    """Blocks a layer budget keeps by rank in each map of block rows nb - rows … nb - 1 (keys
+    so far: nb blocks) of a prompt of ``total`` blocks: the rows' budgets added up (a dense
+    row's every block), less the forced blocks, at most the other causal blocks."""
+    first = nb - rows
+    plan = _plan_for(total, policy, device, with_diagonal=True)
+    ranked, _ = _ranked_rows(plan, first, rows)
+    dense_row = policy.dense_last_row and nb == total
+    forced = _forced_count(nb, policy.keep_sink, policy.local_blocks, dense_row, rows)
+    kept = int(plan.host_budgets[first : first + ranked].sum()) + (rows - ranked) * nb
+    causal = rows * (2 * first + rows + 1) // 2  # rows first … first + rows - 1
+    return min(max(kept - forced, 0), causal - forced)
+
+
+@functools.lru_cache(maxsize=16)
+def layer_rank_scale(total: int, power: float, device) -> torch.Tensor:
+    """float32 [total] on the device: block row i's factor (i + 1)^power in a layer budget's
+    rank, score · (i + 1)^power. Cached: no copy to the device on every layer."""
+    return torch.arange(1, total + 1, dtype=torch.float32, device=device) ** power
+
+
+def _layer_budget_mask(scores, policy: MaskPolicy, total: int, causal, forced):
     """:func:`select_blocks` under a layer budget: per sequence (the first dim of 4-d scores),
     every map keeps its forced blocks, and the blocks its rows' budgets add up to beyond them go
     to the highest ranks, score · (i + 1)^power, over all the sequence's maps."""
     rows, nb = scores.shape[-2:]
-    kept = int(plan.host_budgets[first : first + ranked].sum()) + (rows - ranked) * nb
-    extra = max(kept - forced_count, 0)
+    keep = layer_ranked_count(policy, total, nb, rows, scores.device)
     sequences = scores.shape[0] if scores.dim() == 4 else 1
-    block_rows = torch.arange(first + 1, first + rows + 1, device=scores.device)
-    relative = scores.float() * block_rows[:, None].float() ** power
+    scale = layer_rank_scale(total, policy.rank_power, scores.device)[nb - rows : nb]
+    relative = scores.float() * scale[:, None]
     relative = relative.masked_fill(forced | ~causal, -math.inf).reshape(sequences, -1)
     maps = relative.shape[1] // (rows * nb)
-    causal_count = rows * (2 * first + rows + 1) // 2  # rows first … first + rows - 1
-    candidates = (causal_count - forced_count) * maps
     mask = forced.expand(scores.shape).reshape(sequences, -1).clone()
-    if extra and candidates:
-        top = relative.topk(min(extra * maps, candidates), dim=-1, sorted=False).indices
+    if keep:
+        top = relative.topk(keep * maps, dim=-1, sorted=False).indices
         mask.scatter_(-1, top, True)
     return mask.view(scores.shape)
 

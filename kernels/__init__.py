@@ -3,7 +3,8 @@
 - :func:`block_sparse_attention`: causal FlashAttention over the kept 64×64 tiles only (Triton).
 - :func:`gate_block_features` / :func:`pooled_block_features` and
   :func:`block_lists_from_features`: gate scoring and block selection straight to the lists the
-  block-sparse kernel takes, in two launches (Triton).
+  block-sparse kernel takes, in two launches (Triton); :func:`layer_block_lists_from_features`
+  the same under a layer budget, in three and a top-k.
 - :func:`block_sparse_attention_cpu`: the same on CPU tensors, a C++ kernel built once per
   machine (falls back to the reference where it cannot be built).
 - :func:`pooled_attention`: dense causal FlashAttention that also returns the row-normalized,
@@ -30,7 +31,7 @@ from .block_sparse import (
 )
 from .block_sparse_cpu import block_sparse_attention_cpu
 from .gate_features import gate_block_features, pooled_block_features
-from .gate_select import block_lists_from_features
+from .gate_select import block_lists_from_features, layer_block_lists_from_features
 from .layer_ops import compile_rotary, rotary_embedding, rotary_embedding_pooled, silu_gate_
 from .pooled import pooled_attention
 from .reference import (
@@ -43,6 +44,7 @@ from .reference import (
 __all__ = [
     "BLOCK",
     "block_lists_from_features",
+    "layer_block_lists_from_features",
     "block_sparse_attention",
     "block_sparse_attention_cpu",
     "block_sparse_attention_from_lists",

@@ -4,11 +4,14 @@
 against their causal key blocks (the features of ``gate_features``), keeps the rows' logits in a
 scratch slice of its own (a few MB in all, instead of a [b, Hq, nb, nb] score map) and writes
 the per-row lists: the top-k budget of each row, found exactly by a search for the k-th largest
-logit, or the blocks whose softmax probability is above τ times the row's average. Nothing here
-reads a value back to the host: list widths are the caller's static bounds.
+logit, or the blocks whose softmax probability is above τ times the row's average. A layer
+budget takes two launches around a top-k of PyTorch's: one writes every candidate block's rank
+(its probability times a per-row factor), the next keeps the ranks at or above each sequence's
+cut. Nothing here reads a value back to the host: list widths are the caller's static bounds.
 """
 
 import functools
+import math
 
 import torch
 import triton
@@ -26,6 +29,11 @@ SELECT_WARPS, SELECT_STAGES = 4, 2
 # first two; 1: the longest). Each is compiled code of its own: on the H100 two widths cost
 # +6 % selection time against three and compile ~1 s sooner on a first run (BENCHMARKS.md).
 SELECT_WIDTHS = 2
+
+# What a selection launch does with a row's logits (``_select_rows``'s MODE): keep the blocks
+# above a threshold, keep the row's top-k budget, write the blocks' ranks, or keep the ranks
+# at or above the sequence's cut.
+THRESHOLD, TOP_K, WRITE_RANKS, RANKED = (tl.constexpr(mode) for mode in range(4))
 
 
 @triton.jit
@@ -83,13 +91,14 @@ def _top_k(x, candidate, k, SEL_ROWS: tl.constexpr):
 @triton.jit
 def _select_rows(
     scratch, Budgets, out, counts_out, group, q_blocks, query_offset, budget_rows, dense_row,
-    local_blocks, width, stride_in, score_scale, threshold,
+    local_blocks, width, stride_in, score_scale, threshold, RowScale, cut,
     ROWS: tl.constexpr, KEYS: tl.constexpr, STRIDE: tl.constexpr, SEL_ROWS: tl.constexpr,
-    TOP_K: tl.constexpr, KEEP_SINK: tl.constexpr,
+    MODE: tl.constexpr, KEEP_SINK: tl.constexpr,
 ):  # fmt: skip
     """Lists of the ROWS query rows of ``group`` from their logits in ``scratch`` (row stride
     STRIDE), SEL_ROWS rows at a time over the first KEYS key blocks, which hold every row's
-    causal keys. ``out`` and ``counts_out`` point at the head's first row."""
+    causal keys. ``out`` and ``counts_out`` point at the head's first row; under WRITE_RANKS
+    ``out`` is the head's float32 ranks (row stride ``stride_in``) and no list is written."""
     offs_k = tl.arange(0, KEYS)
     for sub in range(0, ROWS, SEL_ROWS):
         sel = sub + tl.arange(0, SEL_ROWS)
@@ -106,7 +115,8 @@ def _select_rows(
         has_sink = (row > local_blocks) & KEEP_SINK  # a sink outside the window
         forced = causal & (offs_k[None, :] >= (row - window)[:, None])
         forced |= (offs_k[None, :] == 0) & has_sink[:, None]
-        if TOP_K:
+        forced |= causal & (row[:, None] == dense_row)
+        if MODE == TOP_K:
             budget = tl.load(Budgets + row, mask=row_ok & (row < budget_rows), other=0)
             # Counted from the row index: a cross-warp sum is this kernel's cost.
             budget -= window + has_sink.to(tl.int32)
@@ -119,14 +129,23 @@ def _select_rows(
             row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
             p = tl.exp(scores - row_max[:, None])
             p = p / tl.maximum(tl.sum(p, 1), 1.0)[:, None]  # ≥ 1 on real rows: exp(0)
-            # τ times the row's average probability, 1 / (row + 1): MaskPolicy's meaning.
-            keep = causal & (p > threshold / (row[:, None] + 1).to(tl.float32))
-        keep = keep | forced | (causal & (row[:, None] == dense_row))
-        slot = tl.cumsum(keep.to(tl.int32), 1) - 1
-        ptrs = out + (row - query_offset)[:, None] * stride_in + slot
-        tl.store(ptrs, offs_k[None, :] + 0 * slot, mask=keep & (slot < width) & row_ok[:, None])
-        count = tl.minimum(tl.sum(keep.to(tl.int32), 1), width)
-        tl.store(counts_out + (row - query_offset), count, mask=row_ok)
+            if MODE == THRESHOLD:
+                # τ times the row's average probability, 1 / (row + 1): MaskPolicy's meaning.
+                keep = causal & (p > threshold / (row[:, None] + 1).to(tl.float32))
+            else:
+                rank = p * tl.load(RowScale + row, mask=row_ok, other=0.0)[:, None]
+                keep = causal & ~forced & (rank >= cut)
+                if MODE == WRITE_RANKS:
+                    ptrs = out + (row - query_offset)[:, None] * stride_in + offs_k[None, :]
+                    tl.store(ptrs, rank, mask=causal & ~forced & row_ok[:, None])
+        if MODE != WRITE_RANKS:
+            keep = keep | forced
+            slot = tl.cumsum(keep.to(tl.int32), 1) - 1
+            ptrs = out + (row - query_offset)[:, None] * stride_in + slot
+            tl.store(ptrs, offs_k[None, :] + 0 * slot,
+                     mask=keep & (slot < width) & row_ok[:, None])  # fmt: skip
+            count = tl.minimum(tl.sum(keep.to(tl.int32), 1), width)
+            tl.store(counts_out + (row - query_offset), count, mask=row_ok)
 
 
 @triton.jit(
@@ -142,14 +161,14 @@ def _select_rows(
     ]
 )
 def _select_lists(
-    QF, KF, Budgets, Scratch, Indices, Counts,
+    QF, KF, Budgets, Scratch, Indices, Counts, RowScale, Cuts,
     stride_qfb, stride_qfh, stride_qfn, stride_kfb, stride_kfh, stride_kfn,
     stride_ib, stride_ih, stride_in, stride_cb, stride_ch,
     num_q_heads, kf_group, q_blocks, query_offset, budget_rows, dense_row, local_blocks, width,
     num_items, groups_per_head, score_scale, threshold,
     HIDDEN: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, KEYS: tl.constexpr,
     KEYS_HALF: tl.constexpr, KEYS_QUARTER: tl.constexpr, SEL_FULL: tl.constexpr,
-    SEL_HALF: tl.constexpr, SEL_QUARTER: tl.constexpr, TOP_K: tl.constexpr,
+    SEL_HALF: tl.constexpr, SEL_QUARTER: tl.constexpr, MODE: tl.constexpr,
     KEEP_SINK: tl.constexpr, WIDTHS: tl.constexpr,
 ):  # fmt: skip
     # Persistent: program p takes work items p, p + P, … ; an item is ROWS query rows of one
@@ -185,16 +204,18 @@ def _select_lists(
         tl.debug_barrier()  # the logits of all threads are in scratch
         out = Indices + batch * stride_ib + head * stride_ih
         counts_out = Counts + batch * stride_cb + head * stride_ch
+        cut = tl.load(Cuts + batch) if MODE == RANKED else 0.0
         args = (scratch, Budgets, out, counts_out, group, q_blocks, query_offset, budget_rows,
-                dense_row, local_blocks, width, stride_in, score_scale, threshold)  # fmt: skip
+                dense_row, local_blocks, width, stride_in, score_scale, threshold, RowScale,
+                cut)  # fmt: skip
         # Rows search only the keys they have, in the smallest of the WIDTHS widths that holds
         # them: the short rows of a causal map need not search the longest row's width.
         if WIDTHS > 2 and key_end <= KEYS_QUARTER:
-            _select_rows(*args, ROWS, KEYS_QUARTER, KEYS, SEL_QUARTER, TOP_K, KEEP_SINK)
+            _select_rows(*args, ROWS, KEYS_QUARTER, KEYS, SEL_QUARTER, MODE, KEEP_SINK)
         elif WIDTHS > 1 and key_end <= KEYS_HALF:
-            _select_rows(*args, ROWS, KEYS_HALF, KEYS, SEL_HALF, TOP_K, KEEP_SINK)
+            _select_rows(*args, ROWS, KEYS_HALF, KEYS, SEL_HALF, MODE, KEEP_SINK)
         else:
-            _select_rows(*args, ROWS, KEYS, KEYS, SEL_FULL, TOP_K, KEEP_SINK)
+            _select_rows(*args, ROWS, KEYS, KEYS, SEL_FULL, MODE, KEEP_SINK)
         tl.debug_barrier()  # every thread is done with scratch before the next item
 
 
@@ -243,47 +264,112 @@ def block_lists_from_features(
     (indices [b, Hq, n, width] int32, counts [b, Hq, n] int32): row i keeps
     ``indices[..., i, :counts[..., i]]`` in ascending order; later slots are unspecified.
     """
-    _check_device(qf)
     if (budgets is None) == (threshold is None):
         raise ValueError("give either row budgets or a threshold, not both or neither.")
-    b, hq, n, hidden = qf.shape
-    keys = query_offset + n
-    if kf.shape[0] != b or kf.shape[2] < keys or kf.shape[3] != hidden or hq % kf.shape[1]:
-        raise ValueError(f"key features {tuple(kf.shape)} do not fit query features "
-                         f"{tuple(qf.shape)} at query offset {query_offset}.")  # fmt: skip
-    if qf.dtype != torch.float32 or kf.dtype != torch.float32:
-        raise ValueError("block features must be float32, as gate_block_features makes them.")
     if budgets is not None and (budgets.dtype != torch.int32 or budgets.device != qf.device):
         raise ValueError("row budgets must be an int32 tensor on the features' device.")
-    if local_blocks < 0:
-        raise ValueError(f"local_blocks must be 0 or more, got {local_blocks}.")
-    qf, kf = (x if x.stride(-1) == 1 else x.contiguous() for x in (qf, kf))
-    if keys >= 1 << 21:
-        raise ValueError(f"{keys} key blocks are more than the selection kernel counts (2^21).")
-    width = width if width is not None else max(keys - 1, 1)
-    indices = torch.empty(b, hq, n, width, dtype=torch.int32, device=qf.device)
-    counts = torch.empty(b, hq, n, dtype=torch.int32, device=qf.device)
-    key_slots = max(triton.next_power_of_2(max(keys, max_keys or 0)), 16)
-    half, quarter = max(key_slots // 2, 16), max(key_slots // 4, 16)
-    groups = triton.cdiv(n, FEATURE_ROWS)
-    items = b * hq * groups
-    programs = min(items, _program_slots(qf.device))
-    scratch = torch.empty(programs * FEATURE_ROWS * key_slots, dtype=torch.float32,
-                          device=qf.device)  # fmt: skip
-    top_k = budgets is not None
-    with on_device(qf.device):
-        run_kernel(
-            _select_lists, (programs,), qf, kf, budgets if top_k else counts, scratch, indices,
-            counts,
-            qf.stride(0), qf.stride(1), qf.stride(2), kf.stride(0), kf.stride(1), kf.stride(2),
-            indices.stride(0), indices.stride(1), indices.stride(2),
-            counts.stride(0), counts.stride(1),
-            hq, hq // kf.shape[1], n, query_offset, budgets.numel() if top_k else 0, dense_row,
-            min(local_blocks, keys), width, items, groups, scale, threshold if not top_k else 0.0,
-            HIDDEN=hidden, ROWS=FEATURE_ROWS, COLS=KEY_COLUMNS, KEYS=key_slots, KEYS_HALF=half,
-            KEYS_QUARTER=quarter, SEL_FULL=_sel_rows(key_slots), SEL_HALF=_sel_rows(half),
-            SEL_QUARTER=_sel_rows(quarter), TOP_K=top_k,
-            KEEP_SINK=keep_sink, WIDTHS=SELECT_WIDTHS, num_warps=SELECT_WARPS,
-            num_stages=SELECT_STAGES,
-        )  # fmt: skip
-    return indices, counts
+    selection = _Selection(qf, kf, scale, keep_sink, local_blocks, dense_row, query_offset,
+                           max_keys)  # fmt: skip
+    if budgets is not None:
+        return selection.lists(TOP_K, width, budgets=budgets)
+    return selection.lists(THRESHOLD, width, threshold=threshold)
+
+
+def layer_block_lists_from_features(
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    *,
+    keep: int,
+    row_scale: torch.Tensor,
+    scale: float = 1.0,
+    keep_sink: bool = True,
+    local_blocks: int = 0,
+    dense_row: int = -1,
+    query_offset: int = 0,
+    max_keys: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's lists under a layer budget: per sequence, the forced blocks (as in
+    :func:`block_lists_from_features`) and the ``keep`` other causal blocks of highest rank
+    over every head and row, a block's rank being its softmax probability over j ≤ i times
+    ``row_scale[i]`` (float32 [rows of the prompt] on the device). Two selection launches around
+    a top-k of the ranks (float32 [b, Hq, n, nk], the only score map made): blocks tied with
+    the ``keep``-th rank are all kept. Same arguments and lists as
+    :func:`block_lists_from_features`, list width the longest row."""
+    if row_scale.dtype != torch.float32 or row_scale.device != qf.device:
+        raise ValueError("row_scale must be a float32 tensor on the features' device.")
+    selection = _Selection(qf, kf, scale, keep_sink, local_blocks, dense_row, query_offset,
+                           max_keys)  # fmt: skip
+    b, hq, n, _ = qf.shape
+    ranks = torch.full((b, hq, n, selection.keys), -math.inf, device=qf.device)
+    selection.write_ranks(ranks, row_scale)
+    if keep > 0:
+        cuts = ranks.view(b, -1).topk(keep, dim=-1, sorted=False).values.amin(dim=-1)
+    else:
+        cuts = torch.full((b,), math.inf, device=qf.device)
+    del ranks
+    return selection.lists(RANKED, None, row_scale=row_scale, cuts=cuts)
+
+
+class _Selection:
+    """One layer's selection launches over the same features and forced blocks."""
+
+    def __init__(self, qf, kf, scale, keep_sink, local_blocks, dense_row, query_offset, max_keys):
+        _check_device(qf)
+        b, hq, n, hidden = qf.shape
+        self.keys = query_offset + n
+        if (kf.shape[0] != b or kf.shape[2] < self.keys or kf.shape[3] != hidden
+                or hq % kf.shape[1]):  # fmt: skip
+            raise ValueError(f"key features {tuple(kf.shape)} do not fit query features "
+                             f"{tuple(qf.shape)} at query offset {query_offset}.")  # fmt: skip
+        if qf.dtype != torch.float32 or kf.dtype != torch.float32:
+            raise ValueError("block features must be float32, as gate_block_features makes them.")
+        if local_blocks < 0:
+            raise ValueError(f"local_blocks must be 0 or more, got {local_blocks}.")
+        if self.keys >= 1 << 21:
+            raise ValueError(f"{self.keys} key blocks are more than the selection kernel counts "
+                             "(2^21).")  # fmt: skip
+        self.qf, self.kf = (x if x.stride(-1) == 1 else x.contiguous() for x in (qf, kf))
+        self.scale, self.keep_sink, self.dense_row = scale, keep_sink, dense_row
+        self.local_blocks, self.query_offset = min(local_blocks, self.keys), query_offset
+        self.key_slots = max(triton.next_power_of_2(max(self.keys, max_keys or 0)), 16)
+
+    def lists(self, mode, width: int | None, *, budgets=None, threshold=None, row_scale=None,
+              cuts=None):  # fmt: skip
+        b, hq, n, _ = self.qf.shape
+        width = width if width is not None else max(self.keys - 1, 1)
+        indices = torch.empty(b, hq, n, width, dtype=torch.int32, device=self.qf.device)
+        counts = torch.empty(b, hq, n, dtype=torch.int32, device=self.qf.device)
+        self._launch(mode, indices, counts, width, budgets, threshold, row_scale, cuts)
+        return indices, counts
+
+    def write_ranks(self, ranks: torch.Tensor, row_scale: torch.Tensor) -> None:
+        self._launch(WRITE_RANKS, ranks, ranks, self.keys, None, None, row_scale, None)
+
+    def _launch(self, mode, out, counts, width, budgets, threshold, row_scale, cuts):
+        qf, kf = self.qf, self.kf
+        b, hq, n, hidden = qf.shape
+        key_slots = self.key_slots
+        half, quarter = max(key_slots // 2, 16), max(key_slots // 4, 16)
+        groups = triton.cdiv(n, FEATURE_ROWS)
+        items = b * hq * groups
+        programs = min(items, _program_slots(qf.device))
+        scratch = torch.empty(programs * FEATURE_ROWS * key_slots, dtype=torch.float32,
+                              device=qf.device)  # fmt: skip
+        unused = counts  # a pointer the launch's mode never reads
+        with on_device(qf.device):
+            run_kernel(
+                _select_lists, (programs,), qf, kf, unused if budgets is None else budgets,
+                scratch, out, counts, unused if row_scale is None else row_scale,
+                unused if cuts is None else cuts,
+                qf.stride(0), qf.stride(1), qf.stride(2), kf.stride(0), kf.stride(1),
+                kf.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                counts.stride(0), counts.stride(1),
+                hq, hq // kf.shape[1], n, self.query_offset,
+                0 if budgets is None else budgets.numel(), self.dense_row, self.local_blocks,
+                width, items, groups, self.scale, threshold or 0.0,
+                HIDDEN=hidden, ROWS=FEATURE_ROWS, COLS=KEY_COLUMNS, KEYS=key_slots,
+                KEYS_HALF=half, KEYS_QUARTER=quarter, SEL_FULL=_sel_rows(key_slots),
+                SEL_HALF=_sel_rows(half), SEL_QUARTER=_sel_rows(quarter), MODE=mode.value,
+                KEEP_SINK=self.keep_sink, WIDTHS=SELECT_WIDTHS, num_warps=SELECT_WARPS,
+                num_stages=SELECT_STAGES,
+            )  # fmt: skip

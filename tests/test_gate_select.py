@@ -30,15 +30,30 @@ pytestmark = needs_kernel_device
 # the published rule (h == d, no query linear) and gates with a query linear; GQA 1 and 3.
 GATE_CASES = [
     ((1, 2, 2, 64, 64, False), ["top-k 0.5"]),
-    ((65, 3, 1, 64, 128, True), ["top-k 0.5", "threshold, no sink", "top-k 0.5, local 1"]),
+    (
+        (65, 3, 1, 64, 128, True),
+        ["top-k 0.5", "threshold, no sink", "top-k 0.5, local 1", "layer 0.5"],
+    ),
     (
         (1000, 3, 1, 128, 128, False),
-        ["top-k 0.9, nothing forced", "threshold", "top-k 0.9, local 3", "threshold, local 8"],
-    ),
+        [
+            "top-k 0.9, nothing forced",
+            "threshold",
+            "top-k 0.9, local 3",
+            "threshold, local 8",
+            "layer 0.5, power 2, local 1",
+        ],
+    ),  # fmt: skip
     (
         (700, 2, 2, 128, 64, True),
-        ["top-k 0.9", "threshold", "top-k 0.9, local 8, nothing else", "threshold, local 3"],
-    ),
+        [
+            "top-k 0.9",
+            "threshold",
+            "top-k 0.9, local 8, nothing else",
+            "threshold, local 3",
+            "layer 0.9, nothing forced",
+        ],
+    ),  # fmt: skip
 ]
 POLICIES = {
     "top-k 0.5": MaskPolicy(sparsity=0.5),
@@ -54,7 +69,21 @@ POLICIES = {
     ),
     "threshold, local 3": MaskPolicy(threshold=1.0, local_blocks=3),
     "threshold, local 8": MaskPolicy(threshold=2.0, keep_sink=False, local_blocks=8),
+    # Layer budgets: the sequence's maps share one ranking.
+    "layer 0.5": MaskPolicy(sparsity=0.5, budget="layer"),
+    "layer 0.9": MaskPolicy(sparsity=0.9, budget="layer"),
+    "layer 0.5, power 2, local 1": MaskPolicy(
+        sparsity=0.5, budget="layer", rank_power=2.0, local_blocks=1
+    ),
+    "layer 0.9, nothing forced": MaskPolicy(
+        sparsity=0.9, budget="layer", keep_sink=False, dense_last_row=False
+    ),
 }
+
+
+def ranks_probabilities(policy: MaskPolicy) -> bool:
+    """Whether ``select_blocks`` takes each row's softmax under ``policy`` (else logits)."""
+    return policy.threshold is not None or policy.budget == "layer"
 
 
 def case_id(shape) -> str:
@@ -75,7 +104,7 @@ def gate_inputs(shape, dtype, batch=1, seed=0):
 
 def reference_mask(gate, q, k, cos, sin, policy):
     with torch.no_grad():
-        scores = gate(q, k, cos, sin, probabilities=policy.threshold is not None)
+        scores = gate(q, k, cos, sin, probabilities=ranks_probabilities(policy))
     return select_blocks(scores, policy)
 
 
@@ -109,7 +138,9 @@ def test_fused_gate_keeps_the_blocks_of_the_pytorch_path(shape, policy_name, dty
     torch.testing.assert_close(lists_to_mask(indices, counts, num_blocks(shape[0])), expected)
 
 
-@pytest.mark.parametrize("policy_name", ["top-k 0.5", "threshold", "top-k 0.9, local 3"])
+@pytest.mark.parametrize(
+    "policy_name", ["top-k 0.5", "threshold", "top-k 0.9, local 3", "layer 0.9"]
+)
 def test_fused_pooled_estimator_keeps_the_blocks_of_the_pytorch_path(policy_name):
     policy = POLICIES[policy_name]
     torch.manual_seed(1)
@@ -124,7 +155,9 @@ def test_fused_pooled_estimator_keeps_the_blocks_of_the_pytorch_path(policy_name
     torch.testing.assert_close(lists_to_mask(indices, counts, num_blocks(900)), expected)
 
 
-@pytest.mark.parametrize("policy_name", ["top-k 0.9", "threshold", "top-k 0.9, local 3"])
+@pytest.mark.parametrize(
+    "policy_name", ["top-k 0.9", "threshold", "top-k 0.9, local 3", "layer 0.5, power 2, local 1"]
+)
 @pytest.mark.parametrize(
     "pooled", ["raw", "pooled keys", "pooled queries and keys"], ids=lambda x: x.replace(" ", "-")
 )
@@ -147,7 +180,7 @@ def test_a_chunk_of_queries_keeps_the_blocks_of_the_pytorch_path(policy_name, po
             nb = num_blocks(end)
             logits = gate.logits(pool_queries(chunk, start=start), pool_keys(keys), cos[:, :nb],
                                  sin[:, :nb])  # fmt: skip
-        scores = logits.softmax(-1) if policy.threshold is not None else logits
+        scores = logits.softmax(-1) if ranks_probabilities(policy) else logits
         expected = select_blocks(scores, policy, total)
         torch.testing.assert_close(lists_to_mask(*lists, nb), expected)
 

@@ -164,11 +164,7 @@ class SparsePrefill:
     def _store(self, layer_idx: int, name: str, x: torch.Tensor) -> None:
         self._captured.setdefault(layer_idx, {})[name] = x
         # The layer's RoPE comes next, after its keys: its pass pools for the gates.
-        uses_pools = (
-            self.gates is not None
-            and self.policy.budget == "row"  # the fused gate kernels' path
-            and attention_kernel(x.device) == "triton"
-        )
+        uses_pools = self.gates is not None and attention_kernel(x.device) == "triton"
         if name == "k" and uses_pools and self._pool_in_rope:
             tap_next_rotary(lambda q, k, cos, sin: self._rotate_and_pool(layer_idx, q, k, cos, sin))
 
@@ -214,24 +210,20 @@ class SparsePrefill:
             return causal_attention(q, k, v, scaling)
         total_blocks = block_count(prompt_end or s)
         kernel = attention_kernel(q.device)
-        if kernel == "triton" and self.policy.budget == "row":
+        if kernel == "triton":
             self._compile_ahead(layer_idx, q, k, v, scaling, captured, pooled_keys, total_blocks)
-            # Gate scoring and selection fused into two launches, straight to the kernel's lists.
+            # Gate scoring and selection fused into a few launches, straight to the kernel's lists.
             indices, counts = self._block_lists(
                 layer_idx, q, k, captured, pooled_keys, total_blocks
             )
             self.stats.record(layer_idx, counts.sum() + b * hq * rows, causal_blocks)
             return block_sparse_attention_from_lists(q, k, v, indices, counts, scaling)
-        # Layer budgets rank a layer's whole score map: the PyTorch path scores and selects.
         scores = self._scores(layer_idx, q, k, captured, pooled_keys, total_blocks)
-        if kernel != "reference":
+        if kernel == "cpu":
             indices, counts = kept_lists(scores, self.policy, total_blocks)
             del scores
             self.stats.record(layer_idx, counts.sum() + b * hq * rows, causal_blocks)
-            sparse = (
-                block_sparse_attention_cpu if kernel == "cpu" else block_sparse_attention_from_lists
-            )
-            return sparse(q, k, v, indices, counts, scaling)
+            return block_sparse_attention_cpu(q, k, v, indices, counts, scaling)
         mask = select_blocks(scores, self.policy, total_blocks)
         causal = torch.ones(rows, nb, dtype=torch.bool, device=mask.device).tril(first)
         self.stats.record(layer_idx, (mask & causal).sum(), causal_blocks)
