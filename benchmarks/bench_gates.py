@@ -1,13 +1,15 @@
 """Gate scoring + block selection per layer on a GPU: the PyTorch path against the fused kernels.
 
 One layer's pre-RoPE queries and keys (bf16, batch 1, random), a random-weight gate and the
-policy's top-k budget (or threshold), at the shapes of Llama-3.1-8B (32 query / 8 key-value
-heads, head_dim 128, gate hidden 128: the published rule, no query linear) and of the bundled
-SmolLM2-135M (9 / 3 heads, head_dim 64, gate hidden 128 with a query linear). Rows:
+policy's top-k budget per row (or threshold, or budget per layer), at the shapes of
+Llama-3.1-8B (32 query / 8 key-value heads, head_dim 128, gate hidden 128: the published rule,
+no query linear) and of the bundled SmolLM2-135M (9 / 3 heads, head_dim 64, gate hidden 128
+with a query linear). Rows:
 
 - ``pytorch``: ``AttnGate`` logits then ``select_block_lists`` (top-k) or ``select_blocks``
-  (threshold) — the path before the fused kernels;
-- ``fused``: ``gate_block_lists`` from raw keys (two launches);
+  (threshold, layer budget) — the path before the fused kernels;
+- ``fused``: ``gate_block_lists`` from raw keys (two launches; a layer budget three and a
+  top-k);
 - ``fused, pooled keys``: keys pooled by ``PooledKeys`` (kept for chunked prefill) and then the
   fused kernels;
 - ``from RoPE pools``: the engine's path on a GPU since the RoPE pass pools the blocks
@@ -51,7 +53,11 @@ from triton.testing import do_bench
 
 # name: (query heads, key/value heads, head_dim, gate hidden)
 SHAPES = {"llama-3.1-8b": (32, 8, 128, 128), "smollm2-135m": (9, 3, 64, 128)}
-POLICIES = {"top-k 0.9": MaskPolicy(sparsity=0.9), "threshold 1": MaskPolicy(threshold=1.0)}
+POLICIES = {
+    "top-k 0.9": MaskPolicy(sparsity=0.9),
+    "threshold 1": MaskPolicy(threshold=1.0),
+    "layer 0.9": MaskPolicy(sparsity=0.9, budget="layer"),
+}
 # Launch settings tried by --sweep: (module attribute, value).
 SWEEP = [
     (gate_features, "FEATURE_WARPS", 8),
@@ -80,9 +86,14 @@ def layer_inputs(shape, length: int):
     return gate, q, k, cos, sin
 
 
+def row_budgets(policy: MaskPolicy) -> bool:
+    return policy.sparsity is not None and policy.budget == "row"
+
+
 def pytorch_path(gate, q, k, cos, sin, policy):
+    """Row budgets straight to lists; a threshold or a layer budget to a mask of probabilities."""
     with torch.no_grad():
-        if policy.sparsity is not None:
+        if row_budgets(policy):
             return select_block_lists(gate(q, k, cos, sin, probabilities=False), policy)
         return select_blocks(gate(q, k, cos, sin), policy)
 
@@ -130,7 +141,7 @@ def differing_blocks(gate, q, k, cos, sin, policy, pools) -> str:
     """Blocks kept by the fused path (raw inputs, then RoPE pools) and not the PyTorch path or
     the other way round, over the blocks the PyTorch path keeps."""
     expected = pytorch_path(gate, q, k, cos, sin, policy)
-    if policy.sparsity is not None:
+    if row_budgets(policy):
         expected = lists_to_mask(*expected)
     fused = lists_to_mask(*gate_block_lists(gate, q, k, cos, sin, policy))
     pooled = lists_to_mask(*from_rope_pools(gate, pools, cos, sin, policy))
