@@ -288,6 +288,22 @@ def attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep):
     return acc, l_i, m_new
 
 
+@triton.jit
+def attend_tile_pair(acc, l_i, m_i, q, k1, v1, k2, v2, qk_scale):
+    """Two full tiles in one online-softmax step: :func:`attend_tile` on each, one after the
+    other, up to rounding, with a single new max and a single rescale of acc and l_i."""
+    qk1 = tl.dot(q, k1)
+    qk2 = tl.dot(q, k2)
+    m_new = tl.maximum(m_i, tl.maximum(tl.max(qk1, 1), tl.max(qk2, 1)) * qk_scale)
+    p1 = tl.math.exp2(qk1 * qk_scale - m_new[:, None])
+    p2 = tl.math.exp2(qk2 * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p1, 1) + tl.sum(p2, 1)
+    acc = tl.dot(p1.to(v1.dtype), v1, acc * alpha[:, None])
+    acc = tl.dot(p2.to(v2.dtype), v2, acc)
+    return acc, l_i, m_new
+
+
 def autotuned(kernel):
     """Wrap a kernel in an autotuner over warps and pipeline depth, keyed on bucketed length."""
     configs = [
