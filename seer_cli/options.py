@@ -109,7 +109,13 @@ MaxMemory = Annotated[
     ),
 ]
 Dtype = Annotated[
-    str, typer.Option("--dtype", envvar="SEER_DTYPE", help="auto, float32, float16 or bfloat16.")
+    str,
+    typer.Option(
+        "--dtype",
+        envvar="SEER_DTYPE",
+        help="auto, float32, float16 or bfloat16. auto: bfloat16 on a GPU and on a CPU with AMX "
+        "(which multiplies it in hardware), else float32.",
+    ),
 ]
 MaxTokens = Annotated[
     int,

@@ -299,6 +299,37 @@ def test_the_budget_comes_from_the_gate_file_unless_given(
     assert json_run(*args)["budget"] == used
 
 
+@pytest.mark.parametrize(
+    "device, amx, interpreter, expected",
+    [
+        ("cuda", False, "0", torch.bfloat16),
+        ("cpu", True, "0", torch.bfloat16),
+        ("cpu", False, "0", torch.float32),
+        ("cpu", True, "1", torch.float32),  # the interpreter's kernels take float32 or float16
+    ],
+    ids=["gpu", "cpu-with-amx", "cpu-without-amx", "cpu-interpreter"],
+)
+def test_auto_dtype_is_bfloat16_where_it_is_multiplied_in_hardware(
+    monkeypatch, device, amx, interpreter, expected
+):
+    from seer_cli.engine.runtime import pick_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", interpreter)
+    assert pick_dtype("auto", torch.device(device)) is expected
+    assert pick_dtype("float32", torch.device(device)) is torch.float32
+
+
+def test_a_bfloat16_model_prefills_sparsely_on_the_cpu(tiny_with_gates):
+    """bfloat16 on the CPU (auto on CPUs with AMX): the C++ kernel computes in float32 and hands
+    bfloat16 back."""
+    model, gates = tiny_with_gates
+    args = ("--model", str(model), "--gates", str(gates), "-p", "x" * 600, "--sparsity", "0.5",
+            "--device", "cpu")  # fmt: skip
+    low, full = (json_run(*args, "--dtype", dtype) for dtype in ("bfloat16", "float32"))
+    assert low["predicted_n"] == 1 and 0 < low["sparsity"] == full["sparsity"]
+
+
 def test_a_bad_local_window_in_a_gate_file_is_one_error_line(tiny_with_gates, tmp_path):
     from safetensors.torch import load_file, save_file
 

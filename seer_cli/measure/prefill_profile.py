@@ -125,8 +125,8 @@ class PrefillSubject:
 def random_subject(
     name: str, config, gates: str, device: torch.device, placement: Placement | None = None
 ) -> PrefillSubject:
-    """A model of ``config`` with random weights, created directly on ``device`` (bfloat16 on a
-    GPU, float32 on the CPU) or spread as ``placement`` says, and random-weight gates of the
+    """A model of ``config`` with random weights, created directly on ``device`` (in ``--dtype
+    auto``'s dtype) or spread as ``placement`` says, and random-weight gates of the
     published shape, or the pooled estimator for ``gates="pooled"``. Speed does not depend on
     the weights' values."""
     from transformers import AutoModelForCausalLM
