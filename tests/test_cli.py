@@ -326,8 +326,21 @@ def test_a_bfloat16_model_prefills_sparsely_on_the_cpu(tiny_with_gates):
     model, gates = tiny_with_gates
     args = ("--model", str(model), "--gates", str(gates), "-p", "x" * 600, "--sparsity", "0.5",
             "--device", "cpu")  # fmt: skip
-    low, full = (json_run(*args, "--dtype", dtype) for dtype in ("bfloat16", "float32"))
+    low, full = (json_run(*args, "--dtype", dtype, "--sparse-min-tokens", "0")
+                 for dtype in ("bfloat16", "float32"))  # fmt: skip
     assert low["predicted_n"] == 1 and 0 < low["sparsity"] == full["sparsity"]
+    # By default a bfloat16 prompt this short is prefilled densely on the CPU.
+    assert json_run(*args, "--dtype", "bfloat16")["sparsity"] == 0
+
+
+def test_where_sparse_prefill_starts_by_default():
+    from seer_cli.engine.attention import default_min_sparse_tokens
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert default_min_sparse_tokens(cpu, 0.9) == 0
+    assert default_min_sparse_tokens(cpu, 0.9, torch.bfloat16) == 6144
+    assert default_min_sparse_tokens(gpu, 0.9, torch.bfloat16) == 16384
+    assert default_min_sparse_tokens(gpu, 0.5, torch.bfloat16) == 32768
 
 
 def test_a_bad_local_window_in_a_gate_file_is_one_error_line(tiny_with_gates, tmp_path):

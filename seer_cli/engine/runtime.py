@@ -163,7 +163,7 @@ class Engine:
                 policy = _with_gate_settings(policy, config, options)
             min_tokens = options.sparse_min_tokens
             if min_tokens is None:
-                min_tokens = default_min_sparse_tokens(device, options.sparsity)
+                min_tokens = default_min_sparse_tokens(device, options.sparsity, dtype)
             sparse_prefill = SparsePrefill(model, policy, gates, min_tokens)
         else:
             from .attention import ATTENTION_NAME
