@@ -238,6 +238,15 @@ def tiny_with_gates(tmp_path_factory) -> tuple[Path, Path]:
     return model, folder / "gates.safetensors"
 
 
+def given_elsewhere(monkeypatch, tmp_path, env: dict, config: str) -> None:
+    """Settings given through the environment and a config file rather than flags."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if config:
+        (tmp_path / "config.toml").write_text(config)
+        monkeypatch.setenv("SEER_CONFIG", str(tmp_path / "config.toml"))
+
+
 @pytest.mark.parametrize(
     "flag, env, config, used",
     [
@@ -252,11 +261,7 @@ def tiny_with_gates(tmp_path_factory) -> tuple[Path, Path]:
 def test_the_local_window_comes_from_the_gate_file_unless_given(
     tiny_with_gates, tmp_path, monkeypatch, flag, env, config, used
 ):
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    if config:
-        (tmp_path / "config.toml").write_text(config)
-        monkeypatch.setenv("SEER_CONFIG", str(tmp_path / "config.toml"))
+    given_elsewhere(monkeypatch, tmp_path, env, config)
     model, gates = tiny_with_gates
     args = ["--model", str(model), "--gates", str(gates), "-p", "x" * 600, "-n", "1",
             "--sparsity", "0.5", *flag]  # fmt: skip
@@ -283,11 +288,7 @@ def test_the_budget_comes_from_the_gate_file_unless_given(
 ):
     """A gate file naming a layer budget spends --sparsity per layer unless a budget is given;
     a threshold has no budget, whatever the file names."""
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    if config:
-        (tmp_path / "config.toml").write_text(config)
-        monkeypatch.setenv("SEER_CONFIG", str(tmp_path / "config.toml"))
+    given_elsewhere(monkeypatch, tmp_path, env, config)
     model, gates = tiny_with_gates
     settings = read_gate_config(gates)
     layered = tmp_path / "layered.safetensors"
