@@ -3,8 +3,11 @@
 transformers computes RoPE as ``q * cos + rotate_half(q) * sin`` and the MLP's gate as
 ``silu(gate) * up``: six to eight passes over memory per layer, each its own launch. At 128k
 tokens on Llama-3.1-8B shapes they cost ~16 ms of a layer's 160 (BENCHMARKS.md); here each is
-one pass, computed in float32 and rounded once. Lengths are not specialised on, so every
-prompt length runs the kernels compiled for the first.
+one pass, computed in float32 and rounded once. RoPE does not specialise on lengths, so every
+prompt length runs the kernel compiled for the first. The SiLU gate does specialise on its element
+count, but only on divisibility by 16 (Triton's default), which every model's intermediate size
+gives: knowing it, the masked loads and stores are vectorised, 0.189 → 0.104 ms for a [32768,
+1536] bf16 gate on an H100 (2.9 TB/s, the rate of a plain ``torch.add``).
 """
 
 import torch
@@ -65,7 +68,7 @@ def _rotary(
             tl.store(p_ptrs + 3 * HALF, tl.min(tl.where(valid, x2, float("inf")), 0), mask=col_ok)
 
 
-@triton.jit(do_not_specialize=["numel"])
+@triton.jit
 def _silu_gate(G, U, numel, BLOCK_SIZE: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     valid = offs < numel
