@@ -1,5 +1,12 @@
-"""The key/value cache of a generation: transformers' ``DynamicCache``, with decode steps on
-the CPU that write into reserved room instead of copying the whole cache.
+"""The key/value cache of a generation: transformers' ``DynamicCache``, with a prompt's first
+pass kept without a copy and decode steps on the CPU that write into reserved room instead of
+copying the whole cache.
+
+``DynamicLayer.update`` concatenates even onto an empty layer: every prompt's first pass copied
+each layer's keys and values once, 2.4 ms of the default model's 32k prefill on an H100 (60
+copies; 5 % of a sparse prefill). Here an empty layer keeps the states it is given: views laid
+out as the projections wrote them ([b, s, H, d] seen as [b, H, s, d]), which seer's kernels and
+PyTorch's attention read through their strides.
 
 ``DynamicLayer.update`` concatenates, so every decode step copies each layer's keys and values
 in full: on the CPU at 8192 tokens of context a quarter of the step's time, growing with the
@@ -7,8 +14,7 @@ context. Here a one-token update on the CPU writes into room reserved ``DECODE_R
 positions at a time, and the cache's keys and values are views of it. On a GPU the copy is
 negligible and a decode step is bound by its launches: writing in place, a few more operations
 per layer, made the default model's steps slower (33–37 against 22–25 ms per token on an H100),
-so GPU layers concatenate as before. Prompts and their chunks concatenate everywhere: prefill
-sees contiguous keys and values, as its kernels expect.
+so GPU layers concatenate as before. Later prompt chunks concatenate everywhere.
 """
 
 import torch
@@ -29,14 +35,21 @@ def new_cache(model) -> DynamicCache:
 
 
 class DecodeReserveLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose one-token updates write in place (see the module doc)."""
+    """A ``DynamicLayer`` that keeps a first pass as given and whose one-token updates write in
+    place (see the module doc)."""
 
     _key_room: torch.Tensor | None = None
     _value_room: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         length = self.get_seq_length()
-        if key_states.shape[-2] != 1 or length == 0 or key_states.device.type != "cpu":
+        if length == 0:
+            # super() initialises the layer as its transformers version does, on empty slices.
+            super().update(key_states[..., :0, :], value_states[..., :0, :], *args, **kwargs)
+            self._key_room = self._value_room = None
+            self.keys, self.values = key_states, value_states
+            return self.keys, self.values
+        if key_states.shape[-2] != 1 or key_states.device.type != "cpu":
             self._key_room = self._value_room = None
             return super().update(key_states, value_states, *args, **kwargs)
         if not self._room_left(length):
