@@ -1,6 +1,7 @@
 """Kernel configurations are tuned once per GPU and key, then read back in every process."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -90,6 +91,25 @@ def test_triton_warmup_computes_tritons_key():
     triton_key.cache_clear()
     tuning.warm_up_triton()
     assert triton_key.cache_info().currsize == 1
+
+
+def test_triton_warmup_hashes_every_kernel_ahead_of_its_first_launch():
+    """Compiled kernels only (the interpreter's have no cache key): in a process without it."""
+    import subprocess
+    import sys
+
+    check = (
+        "from triton.runtime.jit import JITFunction\n"
+        "from seer_kernels import block_sparse, gate_select, layer_ops, tuning\n"
+        "kernels = [block_sparse._block_sparse_fwd, gate_select._select_lists,\n"
+        "           layer_ops._silu_gate, layer_ops._rotary]\n"
+        "assert all(isinstance(k, JITFunction) and k.hash is None for k in kernels)\n"
+        "tuning.warm_up_triton()\n"
+        "assert all(len(k.hash) == 64 for k in kernels), [k.hash for k in kernels]\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_gpu_warmup_fails_silently(monkeypatch):
