@@ -266,6 +266,24 @@ def test_longrope_tables_do_not_depend_on_the_positions_asked_for(tiny_factors):
     torch.testing.assert_close(first_cos, whole_cos[:, :100], rtol=0, atol=0)
 
 
+def test_longrope_frequencies_are_computed_once_not_on_every_call(tiny_factors, monkeypatch):
+    from transformers import modeling_rope_utils
+
+    model = tiny_model("llama")
+    ModelContext(model, "tiny", LONGROPE_SETTINGS).apply(2000)
+    calls = []
+    longrope = modeling_rope_utils.ROPE_INIT_FUNCTIONS["longrope"]
+    monkeypatch.setitem(
+        modeling_rope_utils.ROPE_INIT_FUNCTIONS,
+        "longrope",
+        lambda *args, **kwargs: calls.append(1) or longrope(*args, **kwargs),
+    )
+    expected = logits_of(reference_model(model, LONGROPE), random_ids(1500))
+    calls.clear()  # the reference's own
+    torch.testing.assert_close(logits_of(model, random_ids(1500)), expected)
+    assert calls == []
+
+
 def test_gate_block_rope_reads_the_measured_factors_at_its_width(tiny_factors):
     model = tiny_model("llama")
     ModelContext(model, "tiny", LONGROPE_SETTINGS).apply(2000)
