@@ -282,6 +282,9 @@ def test_longrope_frequencies_are_computed_once_not_on_every_call(tiny_factors, 
     calls.clear()  # the reference's own
     torch.testing.assert_close(logits_of(model, random_ids(1500)), expected)
     assert calls == []
+    # The gates' block RoPE: computed when its module is built, not again when called.
+    attention.block_rope(model, 64, block_count(2000), 1, "cpu")
+    assert calls == [1]
 
 
 def test_gate_block_rope_reads_the_measured_factors_at_its_width(tiny_factors):

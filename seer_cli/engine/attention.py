@@ -40,7 +40,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from .context import rope_parameters_at_width
+from .context import rope_parameters_at_width, rotary_module
 from .errors import SeerError
 from .fused_layers import rotary_is_fused, tap_next_rotary
 from .past_keys import PastKeys
@@ -312,7 +312,7 @@ def block_rope(model, hidden_size: int, num_blocks: int, batch: int, device):
     width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     config.rope_parameters = rope_parameters_at_width(config.rope_parameters, width, hidden_size)
     config.head_dim = hidden_size
-    rotary = type(rotary)(config=config).to(device)
+    rotary = rotary_module(type(rotary), config, device)
     probe = torch.empty(1, device=device, dtype=torch.float32)
     return block_rope_tables(
         lambda positions: rotary(probe, positions), num_blocks, 64, batch, device

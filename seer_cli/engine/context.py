@@ -374,15 +374,21 @@ class ModelContext:
             config.max_position_embeddings = round(scaling.factor * scaling.original)
             # Built in float32 like the model's own; never cast to the model's dtype (positions
             # up to the context size need float32 frequencies). Placed where its inputs are.
-            self._scaled = type(native)(config=config).to(_rotary_input_device(self.model))
-            if self._scaled.rope_type == "longrope":
-                # Its short and long factors are one list (rope_parameters), so the frequencies
-                # that transformers picks again on every call, from the positions, cannot
-                # change: that step (a wait for the GPU; with transformers 5.17 the whole
-                # computation again, ~70 ms of the default model's first 32k prefill on the
-                # H100 machine, and more in every decode step) is left out.
-                self._scaled.rope_type = "longrope, fixed"
+            self._scaled = rotary_module(type(native), config, _rotary_input_device(self.model))
         return self._scaled
+
+
+def rotary_module(rotary_class, config, device):
+    """``rotary_class(config=config)`` on ``device``. A LongRoPE module whose short and long
+    factors are one list (seer's extension, at any width) has fixed frequencies: transformers
+    picks between the two again on every call, from the positions (a wait for the GPU; with
+    transformers 5.17 the whole computation again, ~130 ms of the default model's first 32k
+    prefill on the H100 machine), and that step is left out."""
+    rotary = rotary_class(config=config).to(device)
+    params = config.rope_parameters
+    if rotary.rope_type == "longrope" and params["short_factor"] == params["long_factor"]:
+        rotary.rope_type = "longrope, fixed"  # not "longrope": no per-call choice
+    return rotary
 
 
 def _known_name(model, model_name: str) -> str:
