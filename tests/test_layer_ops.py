@@ -145,10 +145,38 @@ def test_bad_inputs_raise_value_error():
         silu_gate_(gate, torch.randn(4, 5, device=KERNEL_DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_rope_matches_the_oracle_as_closely_as_transformers(dtype):
+    fuse_layers(tiny_model("llama"))  # swaps the family's RoPE
+    q = heads_second(2, 300, 9, 64, dtype, "cpu", seed=3)
+    k = heads_second(2, 300, 3, 64, dtype, "cpu", seed=4)
+    cos, sin = rope_tables(2, 300, 64, dtype, "cpu")
+    fused = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    theirs = unfused_rope(modeling_llama)(q, k, cos, sin)
+    for x, ours, hf in zip((q, k), fused, theirs, strict=True):
+        oracle = rotary_embedding_reference(x.double(), cos.double(), sin.double())
+        assert ours.dtype == dtype and ours.shape == x.shape
+        error = (ours.double() - oracle).abs().max().item()
+        assert error <= max(TOLERANCE[dtype], (hf.double() - oracle).abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_norm_by_rows_is_the_whole_norm_in_float32(dtype, monkeypatch):
+    from seer_cli.engine import fused_layers
+
+    monkeypatch.setattr(fused_layers, "CPU_NORM_ELEMENTS", 3 * 40)  # three rows at a time
+    x = torch.randn(2, 11, 40).to(dtype)
+    weight = torch.randn(40).to(dtype)
+    whole = torch.nn.functional.rms_norm(x.float(), (40,), weight.float(), 1e-6).to(dtype)
+    by_rows = fused_layers._rms_norm_by_rows(x, weight, 1e-6)
+    assert by_rows.shape == x.shape and by_rows.dtype == dtype
+    torch.testing.assert_close(by_rows, whole, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fused_layers_give_the_same_logits_on_the_cpu(family):
-    """On the CPU only RMSNorm changes (PyTorch's own, identical in float32); RoPE and the SiLU
-    gate keep transformers' code there."""
+    """On the CPU RMSNorm runs by rows (identical per row in float32), the SiLU gate in place and
+    RoPE with one new tensor: the same logits as transformers' code in float32."""
     model = tiny_model(family)
     ids = random_ids(90)
     with torch.inference_mode():
