@@ -382,8 +382,9 @@ def rotary_module(rotary_class, config, device):
     """``rotary_class(config=config)`` on ``device``. A LongRoPE module whose short and long
     factors are one list (seer's extension, at any width) has fixed frequencies: transformers
     picks between the two again on every call, from the positions (a wait for the GPU; with
-    transformers 5.17 the whole computation again, ~130 ms of the default model's first 32k
-    prefill on the H100 machine), and that step is left out."""
+    transformers 5.17 the whole computation again: ~130 ms of the default model's first 32k
+    prefill under a profiler on the H100 machine, for its two such modules), and that step is
+    left out."""
     rotary = rotary_class(config=config).to(device)
     params = config.rope_parameters
     if rotary.rope_type == "longrope" and params["short_factor"] == params["long_factor"]:
