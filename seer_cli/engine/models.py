@@ -84,8 +84,11 @@ def load_model(source: ModelSource, device, dtype, placement=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .fused_layers import fuse_layers
+    from .host_allocator import keep_large_blocks_in_heap
     from .placement import check_map_fits, device_map_for, dispatch
 
+    if torch.device(device).type == "cpu":
+        keep_large_blocks_in_heap()
     folder, gguf = source.folder, source.gguf_file
     if gguf is not None and (source.converted_copy / "config.json").is_file():
         folder, gguf = source.converted_copy, None
