@@ -81,3 +81,13 @@ def test_a_first_pass_off_the_cpu_is_kept_as_given_and_later_chunks_concatenate(
     if device == "cpu":
         torch.testing.assert_close(all_keys, torch.cat([keys, more_keys], -2))
         torch.testing.assert_close(all_values, torch.cat([values, more_values], -2))
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_a_one_token_first_pass_starts_the_cache(device):
+    layer = DecodeReserveLayer()
+    keys, values = (torch.randn(1, 2, 1, 8, device=device) for _ in range(2))
+    layer.update(keys, values)
+    assert layer.get_seq_length() == 1
+    layer.update(keys, values)
+    assert layer.get_seq_length() == 2

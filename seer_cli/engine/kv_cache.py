@@ -51,7 +51,7 @@ class DecodeReserveLayer(DynamicLayer):
             self._key_room = self._value_room = None
             self.keys, self.values = key_states, value_states
             return self.keys, self.values
-        if key_states.shape[-2] != 1 or key_states.device.type != "cpu":
+        if key_states.shape[-2] != 1 or length == 0 or key_states.device.type != "cpu":
             self._key_room = self._value_room = None
             return super().update(key_states, value_states, *args, **kwargs)
         if not self._room_left(length):
