@@ -1,18 +1,28 @@
-// Block-sparse causal attention on the CPU, float32; built once per machine by block_sparse_cpu.py.
+// Block-sparse causal attention on the CPU, float32 or bfloat16 in; built once per machine by
+// block_sparse_cpu.py.
 //
 // Each 64-row query block walks its kept key blocks, then its diagonal block, with the online
 // softmax of FlashAttention-2 (Dao, 2023): up to CHUNK_KEYS keys at a time are copied next to
-// each other, so one BLAS call scores them and one more adds them to the output, and the scores
-// stay in the L2 cache. Query blocks are handed out heaviest first from a shared counter: a
-// thread that the OS preempts takes fewer, and the last ones handed out are short.
+// each other, so one matrix product scores them and one more adds them to the output, and the
+// scores stay in the L2 cache. Query blocks are handed out heaviest first from a shared counter:
+// a thread that the OS preempts takes fewer, and the last ones handed out are short.
+//
+// float32 runs the products through the BLAS inside libtorch (sgemm). bfloat16, on a CPU whose
+// bfloat16 products PyTorch packs for (AMX, AVX512-BF16), runs them through ATen's brgemm on
+// bfloat16 operands with float32 sums, as PyTorch's own CPU flash attention does: the keys and
+// values of a step are packed in the VNNI layout the instructions read, the probabilities are
+// rounded to bfloat16 for the second product; the softmax stays float32. Elsewhere bfloat16 is
+// computed in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -71,8 +81,9 @@ void scale(float* out, const float* x, int64_t n, float factor) {
   at::vec::map([factor](Vec v) { return v * Vec(factor); }, out, x, n);
 }
 
+template <typename T>
 struct Problem {
-  const float *q, *k, *v;
+  const T *q, *k, *v;
   float* out;
   const int32_t *indices, *counts;
   int64_t q_heads, kv_group, q_start, kv_len, head_dim, first_row, rows, width;
@@ -81,16 +92,83 @@ struct Problem {
 };
 
 // One thread's buffers: the gathered keys and values of a step, their scores, the output rows
-// and the running row max and sum.
+// and the running row max and sum; for bfloat16 also a block of keys transposed, the packed
+// operands and the probabilities rounded.
+template <typename T>
 struct Workspace {
-  std::vector<float> keys, values, scores, acc, row_max, row_sum;
+  std::vector<T> keys, values, keys_t, keys_packed, values_packed, probs;
+  std::vector<float> scores, acc, row_max, row_sum;
   explicit Workspace(int64_t head_dim)
       : keys(CHUNK_KEYS * head_dim), values(CHUNK_KEYS * head_dim), scores(BLOCK * CHUNK_KEYS),
-        acc(BLOCK * head_dim), row_max(BLOCK), row_sum(BLOCK) {}
+        acc(BLOCK * head_dim), row_max(BLOCK), row_sum(BLOCK) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      keys_t.resize(head_dim * BLOCK);
+      keys_packed.resize(head_dim * CHUNK_KEYS);
+      values_packed.resize(CHUNK_KEYS * head_dim);
+      probs.resize(BLOCK * CHUNK_KEYS);
+    }
+  }
 };
 
+// ws.scores = scale · q · keysᵀ for the `columns` keys gathered in ws.keys, float32 sums; returns
+// the scores' row stride.
+int64_t score(const Problem<float>& p, Workspace<float>& ws, const float* q, int64_t queries,
+              int64_t columns) {
+  matmul(queries, columns, p.head_dim, p.sm_scale, q, p.q_strides[2], ws.keys.data(), p.head_dim,
+         true, 0.f, ws.scores.data(), columns);
+  return columns;
+}
+
+// bfloat16: keys padded with zeros to whole blocks, each block transposed, packed and
+// multiplied on its own (the packing takes blocks of 64 columns).
+int64_t score(const Problem<at::BFloat16>& p, Workspace<at::BFloat16>& ws,
+              const at::BFloat16* q, int64_t queries, int64_t columns) {
+  const int64_t d = p.head_dim, stride = (columns + BLOCK - 1) / BLOCK * BLOCK;
+  std::fill(ws.keys.begin() + columns * d, ws.keys.begin() + stride * d, at::BFloat16(0.f));
+  float* scores = ws.scores.data();
+  for (int64_t first = 0; first < stride; first += BLOCK) {
+    for (int64_t j = 0; j < BLOCK; ++j) {
+      for (int64_t c = 0; c < d; ++c) ws.keys_t[c * BLOCK + j] = ws.keys[(first + j) * d + c];
+    }
+    at::BFloat16* packed = ws.keys_packed.data() + first * d;
+    at::native::cpublas::pack(d, BLOCK, BLOCK, BLOCK, at::kBFloat16, at::kBFloat16,
+                              ws.keys_t.data(), packed);
+    at::native::cpublas::brgemm(queries, BLOCK, d, p.q_strides[2], BLOCK, stride, false, q,
+                                packed, scores + first);
+  }
+  for (int64_t r = 0; r < queries; ++r) {
+    scale(scores + r * stride, scores + r * stride, columns, p.sm_scale);
+  }
+  return stride;
+}
+
+// ws.acc += probabilities · values: the probabilities in ws.scores (row stride `stride`, zero
+// past each row's visible keys), the values in ws.values.
+void accumulate(const Problem<float>& p, Workspace<float>& ws, int64_t queries, int64_t columns,
+                int64_t stride) {
+  matmul(queries, p.head_dim, columns, 1.f, ws.scores.data(), stride, ws.values.data(),
+         p.head_dim, false, 1.f, ws.acc.data(), p.head_dim);
+}
+
+void accumulate(const Problem<at::BFloat16>& p, Workspace<at::BFloat16>& ws, int64_t queries,
+                int64_t columns, int64_t stride) {
+  const int64_t d = p.head_dim;
+  at::vec::convert(ws.scores.data(), ws.probs.data(), queries * stride);
+  std::fill(ws.values.begin() + columns * d, ws.values.begin() + stride * d, at::BFloat16(0.f));
+  // Packed and multiplied 64 output channels at a time, as the packing takes them.
+  for (int64_t first = 0; first < d; first += BLOCK) {
+    const int64_t width = std::min(BLOCK, d - first);
+    at::BFloat16* packed = ws.values_packed.data() + first * stride;
+    at::native::cpublas::pack(stride, width, d, width, at::kBFloat16, at::kBFloat16,
+                              ws.values.data() + first, packed);
+    at::native::cpublas::brgemm(queries, width, stride, stride, width, d, true, ws.probs.data(),
+                                packed, ws.acc.data() + first);
+  }
+}
+
 // Query block row `item` = (batch, head, row): its kept key blocks, then its diagonal block.
-void attend_query_block(const Problem& p, int64_t item, Workspace& ws) {
+template <typename T>
+void attend_query_block(const Problem<T>& p, int64_t item, Workspace<T>& ws) {
   const int64_t row = item % p.rows, head = item / p.rows % p.q_heads;
   const int64_t batch = item / p.rows / p.q_heads, kv_head = head / p.kv_group;
   const int64_t d = p.head_dim, block = p.first_row + row, block_start = block * BLOCK;
@@ -98,10 +176,10 @@ void attend_query_block(const Problem& p, int64_t item, Workspace& ws) {
   const int64_t first_query = std::max(block_start, p.q_start);
   const int64_t queries = std::min(block_start + BLOCK, p.kv_len) - first_query;
   const int64_t diagonal_keys = std::min(BLOCK, p.kv_len - block_start);
-  const float* q = p.q + batch * p.q_strides[0] + head * p.q_strides[1] +
-                   (first_query - p.q_start) * p.q_strides[2];
-  const float* k = p.k + batch * p.k_strides[0] + kv_head * p.k_strides[1];
-  const float* v = p.v + batch * p.v_strides[0] + kv_head * p.v_strides[1];
+  const T* q = p.q + batch * p.q_strides[0] + head * p.q_strides[1] +
+               (first_query - p.q_start) * p.q_strides[2];
+  const T* k = p.k + batch * p.k_strides[0] + kv_head * p.k_strides[1];
+  const T* v = p.v + batch * p.v_strides[0] + kv_head * p.v_strides[1];
   const int32_t* kept = p.indices + item * p.width;
   const int64_t count = p.counts[item];
 
@@ -124,24 +202,22 @@ void attend_query_block(const Problem& p, int64_t item, Workspace& ws) {
       columns += keys;
       ++next;
     }
+    const int64_t stride = score(p, ws, q, queries, columns);
     float* scores = ws.scores.data();
-    matmul(queries, columns, d, p.sm_scale, q, p.q_strides[2], ws.keys.data(), d, true, 0.f,
-           scores, columns);
     for (int64_t r = 0; r < queries; ++r) {
-      float* s = scores + r * columns;
+      float* s = scores + r * stride;
       // The diagonal block closes the step; its keys after this query are in the future.
       const int64_t visible =
           with_diagonal ? columns - diagonal_keys + (first_query + r - block_start) + 1 : columns;
       const float new_max = max_of(s, visible, ws.row_max[r]);
       const float sum = exp_and_sum(s, visible, new_max);
-      std::fill(s + visible, s + columns, 0.f);
+      std::fill(s + visible, s + stride, 0.f);
       const float correction = std::exp(ws.row_max[r] - new_max);
       ws.row_sum[r] = ws.row_sum[r] * correction + sum;
       ws.row_max[r] = new_max;
       if (correction != 1.f) scale(ws.acc.data() + r * d, ws.acc.data() + r * d, d, correction);
     }
-    matmul(queries, d, columns, 1.f, scores, columns, ws.values.data(), d, false, 1.f,
-           ws.acc.data(), d);
+    accumulate(p, ws, queries, columns, stride);
   }
   float* out = p.out + batch * p.out_strides[0] + head * p.out_strides[1] +
                (first_query - p.q_start) * p.out_strides[2];
@@ -150,44 +226,62 @@ void attend_query_block(const Problem& p, int64_t item, Workspace& ws) {
   }
 }
 
-// q [b, Hq, sq, d]: the last sq positions of k/v [b, Hkv, s, d]; indices [b, Hq, nq, w] and
-// counts [b, Hq, nq] (contiguous int32) list each query block row's kept off-diagonal blocks.
-at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const at::Tensor& indices, const at::Tensor& counts,
-                                  double sm_scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat,
-              "q, k and v must be float32");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
-              "q, k and v need unit stride along head_dim");
-  TORCH_CHECK(indices.scalar_type() == at::kInt && counts.scalar_type() == at::kInt &&
-                  indices.is_contiguous() && counts.is_contiguous(),
-              "indices and counts must be contiguous int32 tensors");
-  // Token-major, as the model takes the output next ([b, sq, Hq, d]): no copy to get there.
-  auto out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
-  const int64_t q_start = k.size(2) - q.size(2), rows = indices.size(2);
-  const Problem p{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                  out.data_ptr<float>(), indices.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
-                  q.size(1), q.size(1) / k.size(1), q_start, k.size(2), q.size(3),
-                  q_start / BLOCK, rows, indices.size(3),
-                  {q.stride(0), q.stride(1), q.stride(2)},
-                  {k.stride(0), k.stride(1), k.stride(2)},
-                  {v.stride(0), v.stride(1), v.stride(2)},
-                  {out.stride(0), out.stride(1), out.stride(2)},
-                  static_cast<float>(sm_scale)};
-
-  const int64_t items = counts.numel();
+template <typename T>
+void run(const Problem<T>& p, int64_t items) {
   std::vector<int64_t> order(items);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return p.counts[a] > p.counts[b]; });
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
-    Workspace ws(p.head_dim);
+    Workspace<T> ws(p.head_dim);
     for (int64_t thread = begin; thread < end; ++thread) {
       for (int64_t i = next++; i < items; i = next++) attend_query_block(p, order[i], ws);
     }
+    if constexpr (std::is_same_v<T, at::BFloat16>) at::native::cpublas::brgemm_release();
   });
+}
+
+// q [b, Hq, sq, d]: the last sq positions of k/v [b, Hkv, s, d]; indices [b, Hq, nq, w] and
+// counts [b, Hq, nq] (contiguous int32) list each query block row's kept off-diagonal blocks.
+// Returns float32 [b, Hq, sq, d], laid out token-major.
+at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& indices, const at::Tensor& counts,
+                                  double sm_scale) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && k.scalar_type() == dtype &&
+                  v.scalar_type() == dtype,
+              "q, k and v must be all float32 or all bfloat16");
+  if (dtype == at::kBFloat16 && !at::native::cpublas::could_pack(at::kBFloat16)) {
+    return block_sparse_attention(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), indices,
+                                  counts, sm_scale);
+  }
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "q, k and v need unit stride along head_dim");
+  TORCH_CHECK(indices.scalar_type() == at::kInt && counts.scalar_type() == at::kInt &&
+                  indices.is_contiguous() && counts.is_contiguous(),
+              "indices and counts must be contiguous int32 tensors");
+  // Token-major, as the model takes the output next ([b, sq, Hq, d]): no copy to get there.
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options().dtype(at::kFloat))
+                 .transpose(1, 2);
+  const int64_t q_start = k.size(2) - q.size(2), rows = indices.size(2);
+  auto problem = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return Problem<T>{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<float>(),
+                      indices.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                      q.size(1), q.size(1) / k.size(1), q_start, k.size(2), q.size(3),
+                      q_start / BLOCK, rows, indices.size(3),
+                      {q.stride(0), q.stride(1), q.stride(2)},
+                      {k.stride(0), k.stride(1), k.stride(2)},
+                      {v.stride(0), v.stride(1), v.stride(2)},
+                      {out.stride(0), out.stride(1), out.stride(2)},
+                      static_cast<float>(sm_scale)};
+  };
+  if (dtype == at::kBFloat16) {
+    run(problem(static_cast<at::BFloat16*>(nullptr)), counts.numel());
+  } else {
+    run(problem(static_cast<float*>(nullptr)), counts.numel());
+  }
   return out;
 }
 

@@ -99,6 +99,23 @@ def test_chunks_give_the_rows_of_the_whole_prompt(seq_len, chunk):
         torch.testing.assert_close(part, whole[:, :, start:end], rtol=1e-5, atol=1e-5)
 
 
+BFLOAT16_SHAPES = [(63, 9, 3, 64), (1000, 9, 3, 64), (1000, 4, 4, 128)]
+
+
+@pytest.mark.parametrize("shape", BFLOAT16_SHAPES, ids=shape_id)
+def test_bfloat16_products_match_float32_on_the_same_inputs(shape):
+    """bfloat16 in: products on bfloat16 operands with float32 sums (where the CPU packs them),
+    probabilities rounded once; against float32 on the same rounded inputs."""
+    q, k, v = (x.bfloat16() for x in random_qkv(shape, torch.float32, "cpu", seed=5))
+    nb = num_blocks(shape[0])
+    mask = block_mask("random", 2, shape[1], nb, nb, seed=5)
+    lists = shuffled_lists(mask)
+    out = block_sparse_attention_cpu(q, k, v, *lists)
+    assert out.dtype == torch.bfloat16
+    expected = block_sparse_attention_cpu(q.float(), k.float(), v.float(), *lists)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_strided_inputs_and_other_dtypes():
     """The model hands over q/k/v as transposed views; a bfloat16 model gets bfloat16 back."""
     q, k, v = random_qkv((200, 6, 2, 64), torch.float32, "cpu", seed=4)
