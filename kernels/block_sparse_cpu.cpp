@@ -9,10 +9,11 @@
 //
 // float32 runs the products through the BLAS inside libtorch (sgemm). bfloat16, on a CPU whose
 // bfloat16 products PyTorch packs for (AMX, AVX512-BF16), runs them through ATen's brgemm on
-// bfloat16 operands with float32 sums, as PyTorch's own CPU flash attention does: the keys and
-// values of a step are packed in the VNNI layout the instructions read, the probabilities are
-// rounded to bfloat16 for the second product; the softmax stays float32. Elsewhere bfloat16 is
-// computed in float32.
+// bfloat16 operands with float32 sums, as PyTorch's own CPU flash attention does: every key and
+// value block is packed once per call in the layout the instructions read (VNNI), and each query
+// block multiplies the packed blocks it keeps in place, one 64-key block per product; the
+// probabilities are rounded to bfloat16 for the second product, the softmax stays float32.
+// Elsewhere bfloat16 is computed in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -89,29 +90,48 @@ struct Problem {
   int64_t q_heads, kv_group, q_start, kv_len, head_dim, first_row, rows, width;
   int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];
   float sm_scale;
+  // bfloat16: the packed key and value blocks, [b, Hkv, key blocks, head_dim · BLOCK] each.
+  const at::BFloat16 *keys_packed = nullptr, *values_packed = nullptr;
 };
 
-// One thread's buffers: the gathered keys and values of a step, their scores, the output rows
-// and the running row max and sum; for bfloat16 also a block of keys transposed, the packed
-// operands and the probabilities rounded.
+// One thread's buffers: the gathered keys and values of a step (float32; bfloat16 points at the
+// packed blocks instead), their scores, the output rows and the running row max and sum.
 template <typename T>
 struct Workspace {
-  std::vector<T> keys, values, keys_t, keys_packed, values_packed, probs;
-  std::vector<float> scores, acc, row_max, row_sum;
+  std::vector<float> keys, values, scores, acc, row_max, row_sum;
+  std::vector<const at::BFloat16*> key_blocks, value_blocks;
+  std::vector<at::BFloat16> probs;
   explicit Workspace(int64_t head_dim)
-      : keys(CHUNK_KEYS * head_dim), values(CHUNK_KEYS * head_dim), scores(BLOCK * CHUNK_KEYS),
-        acc(BLOCK * head_dim), row_max(BLOCK), row_sum(BLOCK) {
+      : scores(BLOCK * CHUNK_KEYS), acc(BLOCK * head_dim), row_max(BLOCK), row_sum(BLOCK) {
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      keys_t.resize(head_dim * BLOCK);
-      keys_packed.resize(head_dim * CHUNK_KEYS);
-      values_packed.resize(CHUNK_KEYS * head_dim);
       probs.resize(BLOCK * CHUNK_KEYS);
+    } else {
+      keys.resize(CHUNK_KEYS * head_dim);
+      values.resize(CHUNK_KEYS * head_dim);
     }
   }
 };
 
-// ws.scores = scale · q · keysᵀ for the `columns` keys gathered in ws.keys, float32 sums; returns
-// the scores' row stride.
+// Adds key block `first_key / BLOCK` (its first `keys` keys) to the step at column `column`.
+void take(const Problem<float>& p, Workspace<float>& ws, const float* k, const float* v,
+          int64_t first_key, int64_t keys, int64_t column) {
+  const int64_t d = p.head_dim;
+  for (int64_t j = 0; j < keys; ++j) {
+    std::copy_n(k + (first_key + j) * p.k_strides[2], d, ws.keys.data() + (column + j) * d);
+    std::copy_n(v + (first_key + j) * p.v_strides[2], d, ws.values.data() + (column + j) * d);
+  }
+}
+
+void take(const Problem<at::BFloat16>& p, Workspace<at::BFloat16>& ws, int64_t batch,
+          int64_t kv_head, int64_t first_key) {
+  const int64_t blocks = (p.kv_len + BLOCK - 1) / BLOCK, tile = p.head_dim * BLOCK;
+  const int64_t at = ((batch * (p.q_heads / p.kv_group) + kv_head) * blocks + first_key / BLOCK);
+  ws.key_blocks.push_back(p.keys_packed + at * tile);
+  ws.value_blocks.push_back(p.values_packed + at * tile);
+}
+
+// ws.scores = scale · q · keysᵀ for the step's `columns` keys, float32 sums; returns the scores'
+// row stride.
 int64_t score(const Problem<float>& p, Workspace<float>& ws, const float* q, int64_t queries,
               int64_t columns) {
   matmul(queries, columns, p.head_dim, p.sm_scale, q, p.q_strides[2], ws.keys.data(), p.head_dim,
@@ -119,22 +139,14 @@ int64_t score(const Problem<float>& p, Workspace<float>& ws, const float* q, int
   return columns;
 }
 
-// bfloat16: keys padded with zeros to whole blocks, each block transposed, packed and
-// multiplied on its own (the packing takes blocks of 64 columns).
+// bfloat16: one product per packed key block (a partial last block is padded with zero keys).
 int64_t score(const Problem<at::BFloat16>& p, Workspace<at::BFloat16>& ws,
               const at::BFloat16* q, int64_t queries, int64_t columns) {
-  const int64_t d = p.head_dim, stride = (columns + BLOCK - 1) / BLOCK * BLOCK;
-  std::fill(ws.keys.begin() + columns * d, ws.keys.begin() + stride * d, at::BFloat16(0.f));
+  const int64_t stride = static_cast<int64_t>(ws.key_blocks.size()) * BLOCK;
   float* scores = ws.scores.data();
-  for (int64_t first = 0; first < stride; first += BLOCK) {
-    for (int64_t j = 0; j < BLOCK; ++j) {
-      for (int64_t c = 0; c < d; ++c) ws.keys_t[c * BLOCK + j] = ws.keys[(first + j) * d + c];
-    }
-    at::BFloat16* packed = ws.keys_packed.data() + first * d;
-    at::native::cpublas::pack(d, BLOCK, BLOCK, BLOCK, at::kBFloat16, at::kBFloat16,
-                              ws.keys_t.data(), packed);
-    at::native::cpublas::brgemm(queries, BLOCK, d, p.q_strides[2], BLOCK, stride, false, q,
-                                packed, scores + first);
+  for (size_t i = 0; i < ws.key_blocks.size(); ++i) {
+    at::native::cpublas::brgemm(queries, BLOCK, p.head_dim, p.q_strides[2], BLOCK, stride, false,
+                                q, ws.key_blocks[i], scores + i * BLOCK);
   }
   for (int64_t r = 0; r < queries; ++r) {
     scale(scores + r * stride, scores + r * stride, columns, p.sm_scale);
@@ -143,7 +155,7 @@ int64_t score(const Problem<at::BFloat16>& p, Workspace<at::BFloat16>& ws,
 }
 
 // ws.acc += probabilities · values: the probabilities in ws.scores (row stride `stride`, zero
-// past each row's visible keys), the values in ws.values.
+// past each row's visible keys).
 void accumulate(const Problem<float>& p, Workspace<float>& ws, int64_t queries, int64_t columns,
                 int64_t stride) {
   matmul(queries, p.head_dim, columns, 1.f, ws.scores.data(), stride, ws.values.data(),
@@ -154,16 +166,55 @@ void accumulate(const Problem<at::BFloat16>& p, Workspace<at::BFloat16>& ws, int
                 int64_t columns, int64_t stride) {
   const int64_t d = p.head_dim;
   at::vec::convert(ws.scores.data(), ws.probs.data(), queries * stride);
-  std::fill(ws.values.begin() + columns * d, ws.values.begin() + stride * d, at::BFloat16(0.f));
-  // Packed and multiplied 64 output channels at a time, as the packing takes them.
-  for (int64_t first = 0; first < d; first += BLOCK) {
-    const int64_t width = std::min(BLOCK, d - first);
-    at::BFloat16* packed = ws.values_packed.data() + first * stride;
-    at::native::cpublas::pack(stride, width, d, width, at::kBFloat16, at::kBFloat16,
-                              ws.values.data() + first, packed);
-    at::native::cpublas::brgemm(queries, width, stride, stride, width, d, true, ws.probs.data(),
-                                packed, ws.acc.data() + first);
+  for (size_t i = 0; i < ws.value_blocks.size(); ++i) {
+    // Packed 64 output channels at a time (see pack_blocks).
+    for (int64_t first = 0; first < d; first += BLOCK) {
+      const int64_t width = std::min(BLOCK, d - first);
+      at::native::cpublas::brgemm(queries, width, BLOCK, stride, width, d, true,
+                                  ws.probs.data() + i * BLOCK,
+                                  ws.value_blocks[i] + first * BLOCK, ws.acc.data() + first);
+    }
   }
+  ws.key_blocks.clear();
+  ws.value_blocks.clear();
+}
+
+// Packs every key block transposed ([head_dim × BLOCK]) and every value block ([BLOCK ×
+// head_dim], 64 channels at a time) of k and v for the bfloat16 products, zero past the last key.
+void pack_blocks(Problem<at::BFloat16>& p, int64_t batches, int64_t kv_heads,
+                 std::vector<at::BFloat16>& keys, std::vector<at::BFloat16>& values) {
+  const int64_t d = p.head_dim, blocks = (p.kv_len + BLOCK - 1) / BLOCK, tile = d * BLOCK;
+  keys.resize(batches * kv_heads * blocks * tile);
+  values.resize(keys.size());
+  at::parallel_for(0, batches * kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> plain(tile);
+    const at::BFloat16 zero(0.f);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t block = i % blocks, kv_head = i / blocks % kv_heads, batch = i / blocks / kv_heads;
+      const int64_t first = block * BLOCK, keys_here = std::min(BLOCK, p.kv_len - first);
+      const at::BFloat16* k = p.k + batch * p.k_strides[0] + kv_head * p.k_strides[1];
+      const at::BFloat16* v = p.v + batch * p.v_strides[0] + kv_head * p.v_strides[1];
+      for (int64_t j = 0; j < BLOCK; ++j) {
+        for (int64_t c = 0; c < d; ++c) {
+          plain[c * BLOCK + j] = j < keys_here ? k[(first + j) * p.k_strides[2] + c] : zero;
+        }
+      }
+      at::native::cpublas::pack(d, BLOCK, BLOCK, BLOCK, at::kBFloat16, at::kBFloat16,
+                                plain.data(), keys.data() + i * tile);
+      for (int64_t j = 0; j < BLOCK; ++j) {
+        for (int64_t c = 0; c < d; ++c) {
+          plain[j * d + c] = j < keys_here ? v[(first + j) * p.v_strides[2] + c] : zero;
+        }
+      }
+      for (int64_t c = 0; c < d; c += BLOCK) {
+        const int64_t width = std::min(BLOCK, d - c);
+        at::native::cpublas::pack(BLOCK, width, d, width, at::kBFloat16, at::kBFloat16,
+                                  plain.data() + c, values.data() + i * tile + c * BLOCK);
+      }
+    }
+  });
+  p.keys_packed = keys.data();
+  p.values_packed = values.data();
 }
 
 // Query block row `item` = (batch, head, row): its kept key blocks, then its diagonal block.
@@ -194,10 +245,10 @@ void attend_query_block(const Problem<T>& p, int64_t item, Workspace<T>& ws) {
       with_diagonal = next == count;
       const int64_t first_key = with_diagonal ? block_start : kept[next] * int64_t{BLOCK};
       const int64_t keys = with_diagonal ? diagonal_keys : BLOCK;
-      for (int64_t j = 0; j < keys; ++j) {
-        std::copy_n(k + (first_key + j) * p.k_strides[2], d, ws.keys.data() + (columns + j) * d);
-        std::copy_n(v + (first_key + j) * p.v_strides[2], d,
-                    ws.values.data() + (columns + j) * d);
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        take(p, ws, batch, kv_head, first_key);
+      } else {
+        take(p, ws, k, v, first_key, keys, columns);
       }
       columns += keys;
       ++next;
@@ -278,7 +329,10 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
                       static_cast<float>(sm_scale)};
   };
   if (dtype == at::kBFloat16) {
-    run(problem(static_cast<at::BFloat16*>(nullptr)), counts.numel());
+    auto p = problem(static_cast<at::BFloat16*>(nullptr));
+    std::vector<at::BFloat16> keys, values;
+    pack_blocks(p, k.size(0), k.size(1), keys, values);
+    run(p, counts.numel());
   } else {
     run(problem(static_cast<float*>(nullptr)), counts.numel());
   }
