@@ -339,7 +339,7 @@ def test_where_sparse_prefill_starts_by_default():
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert default_min_sparse_tokens(cpu, 0.9) == 0
-    assert default_min_sparse_tokens(cpu, 0.9, torch.bfloat16) == 6144
+    assert default_min_sparse_tokens(cpu, 0.9, torch.bfloat16) == 3072
     assert default_min_sparse_tokens(gpu, 0.9, torch.bfloat16) == 16384
     assert default_min_sparse_tokens(gpu, 0.5, torch.bfloat16) == 32768
 

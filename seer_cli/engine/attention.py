@@ -57,11 +57,11 @@ def default_min_sparse_tokens(
     starts to beat the dense kernel. Measured on an H100 with ``seer profile kernel``
     (BENCHMARKS.md): at sparsity 0.9–0.95 from 16k tokens, at 0.5 from 32k; threshold mode
     takes the 16k of high sparsity. On the CPU in float32 seer's kernel pays from short prompts
-    on; in bfloat16 (a CPU with AMX) dense prefill is fast enough that the default model's
-    sparse 0.9 prefill lost at 4096 tokens (2.10 against 1.88 s) and won from 6144 (2.95
-    against 3.37 s)."""
+    on; in bfloat16 (a CPU with AMX) the default model's sparse 0.9 prefill tied dense at 2048
+    tokens (0.74 s each) and won from 3072 (0.99–1.05 against 1.18–1.22 s; the kernel's
+    bfloat16 products, 2-core Xeon)."""
     if device.type != "cuda":
-        return 6144 if dtype == torch.bfloat16 else 0
+        return 3072 if dtype == torch.bfloat16 else 0
     return 32768 if sparsity is not None and sparsity < 0.8 else 16384
 
 
