@@ -175,6 +175,7 @@ void accumulate(const Problem<at::BFloat16>& p, Workspace<at::BFloat16>& ws, int
                                   ws.value_blocks[i] + first * BLOCK, ws.acc.data() + first);
     }
   }
+  // The step is done: the next one takes its blocks afresh.
   ws.key_blocks.clear();
   ws.value_blocks.clear();
 }
