@@ -11,7 +11,8 @@
   max-pooled block attention map used as the self-distillation target (Triton).
 - :func:`rotary_embedding` and :func:`silu_gate_`: the element-wise work around attention (RoPE,
   the MLP's SiLU gate) in one pass each (Triton); :func:`rotary_embedding_pooled` also pools the
-  pre-RoPE blocks the gates score, in the same pass.
+  pre-RoPE blocks the gates score, in the same pass; :func:`add_rms_norm` the residual add and
+  the RMSNorm after it, in one pass.
 - :func:`compiling_ahead`: a dry run of launches that compiles their kernels side by side.
 - ``*_reference``: the same functions in plain PyTorch, for tests and for machines without a GPU.
 """
@@ -32,7 +33,14 @@ from .block_sparse import (
 from .block_sparse_cpu import block_sparse_attention_cpu
 from .gate_features import gate_block_features, pooled_block_features
 from .gate_select import block_lists_from_features, layer_block_lists_from_features
-from .layer_ops import compile_rotary, rotary_embedding, rotary_embedding_pooled, silu_gate_
+from .layer_ops import (
+    add_rms_norm,
+    compile_add_rms_norm,
+    compile_rotary,
+    rotary_embedding,
+    rotary_embedding_pooled,
+    silu_gate_,
+)
 from .pooled import pooled_attention
 from .reference import (
     block_sparse_attention_reference,
@@ -43,6 +51,7 @@ from .reference import (
 
 __all__ = [
     "BLOCK",
+    "add_rms_norm",
     "block_lists_from_features",
     "layer_block_lists_from_features",
     "block_sparse_attention",
@@ -50,6 +59,7 @@ __all__ = [
     "block_sparse_attention_from_lists",
     "block_sparse_attention_reference",
     "can_compile_ahead",
+    "compile_add_rms_norm",
     "compile_rotary",
     "compiling_ahead",
     "gate_block_features",

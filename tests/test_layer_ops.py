@@ -1,5 +1,5 @@
-"""The fused RoPE and SiLU-gate kernels against float64 oracles and transformers' own code, and
-the swap of the fused operations into models of every supported family."""
+"""The fused RoPE, SiLU-gate and add-and-norm kernels against float64 oracles and transformers'
+own code, and the swap of the fused operations into models of every supported family."""
 
 import sys
 
@@ -9,6 +9,8 @@ import triton
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, needs_gpu, needs_kernel_device
 from seer_gates import pool_keys, pool_queries
 from seer_kernels import (
+    add_rms_norm,
+    compile_add_rms_norm,
     compile_rotary,
     layer_ops,
     rotary_embedding,
@@ -17,10 +19,12 @@ from seer_kernels import (
     silu_gate_,
     silu_gate_reference,
 )
-from tiny_models import FAMILIES, random_ids, tiny_model
+from tiny_models import FAMILIES, NUM_LAYERS, random_ids, tiny_model
 from transformers.models.llama import modeling_llama
 
+from seer_cli.engine import fused_layers
 from seer_cli.engine.fused_layers import fuse_layers
+from seer_cli.engine.generation import cache_argument
 
 # Largest error allowed against the float64 oracle: one rounding of the output, a little more.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -132,6 +136,89 @@ def test_silu_gate_kernel_matches_the_oracle(shape, dtype):
     assert (out.double() - oracle).abs().max() <= TOLERANCE[dtype] * max(1, oracle.abs().max())
 
 
+def add_norm_inputs(rows: int, hidden: int, dtype, device, seed: int = 7):
+    """x, y [1, rows, hidden] with rows of different scales (x a view with a row stride of
+    2·hidden, as a slice hands it over) and a weight [hidden] away from ones."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-2, 1, rows)[None, :, None]
+    x = (torch.randn(1, 2 * rows, hidden, generator=generator) * 3)[:, ::2] * scales
+    y = torch.randn(1, rows, hidden, generator=generator) * scales
+    weight = 1 + torch.randn(hidden, generator=generator) / 2
+    return x.to(dtype).to(device), y.to(dtype).to(device), weight.to(dtype).to(device)
+
+
+def rms_norm_oracle(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x, weight = x.double(), weight.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("dtype", list(dict.fromkeys(KERNEL_DTYPES + [torch.float32])), ids=str)
+@pytest.mark.parametrize("hidden", [576, 100, 4096], ids=lambda h: f"h{h}")
+@pytest.mark.parametrize("rows", [1, 7, 257], ids=lambda r: f"r{r}")
+def test_add_rms_norm_kernel_matches_pytorch(rows, hidden, dtype, poisoned_empty):
+    """The sum is ``x + y`` to the bit; the norm of it is within one rounding of the float64
+    oracle and no further from it than twice PyTorch's own ``rms_norm`` in the same dtype."""
+    if hidden == 4096 and rows == 257 and KERNEL_DEVICE == "cpu":
+        pytest.skip("slow under the interpreter; the other shapes cover it")
+    x, y, weight = add_norm_inputs(rows, hidden, dtype, KERNEL_DEVICE)
+    total, normed = add_rms_norm(x, y, weight, 1e-6)
+    assert total.shape == normed.shape == x.shape and total.dtype == normed.dtype == dtype
+    assert total.is_contiguous() and normed.is_contiguous()
+    torch.testing.assert_close(total, x + y, atol=0, rtol=0)
+    oracle = rms_norm_oracle(x + y, weight, 1e-6)
+    theirs = torch.nn.functional.rms_norm(x + y, weight.shape, weight, 1e-6)
+    error = (normed.double() - oracle).abs().max().item()
+    assert error <= TOLERANCE[dtype] * max(1, oracle.abs().max().item())
+    assert error <= 2 * (theirs.double() - oracle).abs().max().item() + 1e-7
+
+
+@needs_kernel_device
+def test_add_rms_norm_kernel_takes_any_leading_shape():
+    x, y, weight = add_norm_inputs(12, 64, torch.float32, KERNEL_DEVICE, seed=8)
+    x, y = x.reshape(3, 4, 64), y.reshape(3, 4, 64)
+    total, normed = add_rms_norm(x, y, weight, 1e-5)
+    flat_total, flat_normed = add_rms_norm(x.reshape(12, 64), y.reshape(12, 64), weight, 1e-5)
+    assert total.shape == normed.shape == (3, 4, 64)
+    torch.testing.assert_close(total.reshape(12, 64), flat_total, atol=0, rtol=0)
+    torch.testing.assert_close(normed.reshape(12, 64), flat_normed, atol=0, rtol=0)
+    empty = torch.empty(0, 64, device=KERNEL_DEVICE)
+    assert [t.shape for t in add_rms_norm(empty, empty, weight, 1e-5)] == [(0, 64)] * 2
+
+
+@needs_kernel_device
+def test_add_rms_norm_bad_inputs_raise_value_error():
+    x = torch.randn(5, 64, device=KERNEL_DEVICE)
+    weight = torch.ones(64, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="one shape"):
+        add_rms_norm(x, torch.randn(5, 63, device=KERNEL_DEVICE), weight, 1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        add_rms_norm(x, x, torch.ones(32, device=KERNEL_DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="one dtype"):
+        add_rms_norm(x, x.half(), weight, 1e-6)
+    with pytest.raises(ValueError, match="one dtype"):
+        add_rms_norm(x, x, weight.half(), 1e-6)
+    with pytest.raises(ValueError, match="last dimension"):
+        add_rms_norm(x.t(), x.t(), torch.ones(5, device=KERNEL_DEVICE), 1e-6)
+
+
+@needs_gpu
+def test_compiled_add_rms_norm_serves_a_prefill_without_compiling(monkeypatch):
+    """What the GPU warm-up compiles while a model loads is what any prompt length then runs,
+    for the supported models' hidden sizes."""
+    layer_ops._add_rms_norm.device_caches.clear()  # forget what earlier tests compiled here
+    compile_add_rms_norm(torch.device("cuda"), torch.bfloat16)
+    compiled = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook",
+                        lambda *args, **kwargs: compiled.append(kwargs))  # fmt: skip
+    for hidden in (576, 960, 2048, 4096, 5120, 8192):
+        for rows in (1, 1000):
+            x, y, weight = add_norm_inputs(rows, hidden, torch.bfloat16, "cuda")
+            add_rms_norm(x.contiguous(), y, weight, 1e-5)
+    torch.cuda.synchronize()
+    assert not compiled
+
+
 @needs_kernel_device
 def test_bad_inputs_raise_value_error():
     x = torch.randn(1, 2, 10, 64, device=KERNEL_DEVICE)
@@ -188,6 +275,7 @@ def test_fused_layers_give_the_same_logits_on_the_cpu(family):
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     assert norms and all("forward" in vars(m) for m in norms)
     assert all("forward" in vars(layer.mlp) for layer in model.model.layers)
+    assert all("forward" in vars(layer) for layer in model.model.layers)
     family_module = sys.modules[type(model.model.layers[0].self_attn).__module__]
     rope = family_module.apply_rotary_pos_emb
     assert not hasattr(rope.unfused, "unfused")
@@ -206,3 +294,68 @@ def test_fused_layers_on_the_gpu_match_transformers(family, monkeypatch):
         fuse_layers(model)
         after = model(ids).logits.float()
     assert (after - before).abs().max() < 0.05 * before.abs().max()
+
+
+def counted_add_rms_norm(monkeypatch) -> list:
+    """Have the fused decoder layers' add-and-norm calls noted in the returned list."""
+    calls = []
+
+    def add_rms_norm_spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return add_rms_norm(*args, **kwargs)
+
+    monkeypatch.setattr(fused_layers, "add_rms_norm", add_rms_norm_spy)
+    return calls
+
+
+def prompt_then_continuation(model, ids: torch.Tensor, split: int) -> torch.Tensor:
+    """Logits of a prompt's first ``split`` tokens, then of the rest read against its cache."""
+    first = model(ids[:, :split], use_cache=True)
+    cache = {cache_argument(model): first.past_key_values}
+    rest = model(ids[:, split:], **cache, use_cache=True)
+    return torch.cat((first.logits, rest.logits), dim=1)
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_decoder_layers_match_transformers(family, monkeypatch):
+    """The decoder layers' add and post-attention norm in the kernel (here the interpreter on the
+    CPU in float32) give transformers' logits, the cache passed through to the attention."""
+    ids = random_ids(90)
+    family_module = sys.modules[type(tiny_model(family).model.layers[0].self_attn).__module__]
+    with torch.inference_mode():
+        with monkeypatch.context() as patch:
+            patch.setattr(family_module, "apply_rotary_pos_emb", unfused_rope(family_module))
+            before = prompt_then_continuation(tiny_model(family), ids, 70)
+        monkeypatch.setattr(fused_layers, "_kernel_device", lambda x: True)  # the interpreter too
+        calls = counted_add_rms_norm(monkeypatch)
+        model = tiny_model(family).to(KERNEL_DEVICE)
+        fuse_layers(model)
+        after = prompt_then_continuation(model, ids.to(KERNEL_DEVICE), 70)
+    assert calls == [(1, 70, 128)] * NUM_LAYERS + [(1, 20, 128)] * NUM_LAYERS
+    torch.testing.assert_close(after.cpu(), before, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel_device
+def test_fused_decoder_layers_keep_the_plain_add_where_the_kernel_does_not_apply(monkeypatch):
+    """Tensors that autograd records take the plain add and the norm module: no kernel call, and
+    the logits (and gradients) of the unfused layers. So do tensors of another dtype, shape or
+    device than the norm's weight, and a norm with hooks of its own."""
+    monkeypatch.setattr(fused_layers, "_kernel_device", lambda x: True)
+    calls = counted_add_rms_norm(monkeypatch)
+    ids = random_ids(40).to(KERNEL_DEVICE)
+    model, plain = (tiny_model("llama").to(KERNEL_DEVICE) for _ in range(2))
+    fuse_layers(model)
+    logits = model(ids).logits
+    logits.sum().backward()
+    torch.testing.assert_close(logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+    norm = model.model.layers[0].post_attention_layernorm
+    assert norm.weight.grad is not None and calls == []
+    x = torch.randn(1, 5, 128, device=KERNEL_DEVICE)
+    assert not fused_layers._adds_in_kernel(x, x, norm)  # the weight's gradient
+    with torch.no_grad():
+        assert fused_layers._adds_in_kernel(x, x, norm)
+        for y in (x.half(), x[None], x.to("meta")):
+            assert not fused_layers._adds_in_kernel(x, y, norm)
+        norm.register_forward_hook(lambda *args: None)
+        assert not fused_layers._adds_in_kernel(x, x, norm)

@@ -11,6 +11,9 @@ the same with or without sparsity, so they bound what sparse prefill can gain (B
   activations costs about as much as a pass over it (its pages are mapped afresh), the gate is
   computed in place (19 against 35 ms for [16384, 1536] bf16) and RoPE makes one new tensor,
   the rotated half added in place (4.0 against 10.2 ms for 9 heads of 64 at 16384 tokens).
+- The residual add after attention and the RMSNorm that follows it: one Triton pass
+  (``seer_kernels.add_rms_norm``) on CUDA tensors in the norm's dtype, the decoder layer's
+  forward swapped for one that calls it; elsewhere the plain add and the norm above.
 Modules keep their parameters and hooks; only their ``forward`` changes. A caller that needs
 more from a layer's RoPE pass than the rotated queries and keys (sparse prefill takes the
 pre-RoPE block pools its gates score there) hands that layer's pass to a tap
@@ -21,7 +24,7 @@ import sys
 import types
 
 import torch
-from seer_kernels import rotary_embedding, silu_gate_
+from seer_kernels import add_rms_norm, rotary_embedding, silu_gate_
 
 # The tap the next fused RoPE call hands its work to (see tap_next_rotary).
 _next_rotary_tap = None
@@ -47,10 +50,12 @@ def rotary_is_fused(model) -> bool:
 def fuse_layers(model) -> None:
     """Swap the fused operations into ``model`` (a Llama, Mistral, Qwen2 or Qwen3 causal LM)."""
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+        if _is_rms_norm(module):
             _set_forward(module, _rms_norm_forward)
         elif _is_silu_mlp(module):
             _set_forward(module, _silu_mlp_forward)
+        elif _is_decoder_layer(module):
+            _set_forward(module, _decoder_layer_forward)
     # The attention layers call their modeling module's function by name: RoPE can only be
     # swapped there (for every model of that family in this process).
     family = sys.modules[type(model.model.layers[0].self_attn).__module__]
@@ -65,6 +70,17 @@ def _set_forward(module: torch.nn.Module, forward) -> None:
         module._old_forward = bound
     else:
         module.forward = bound
+
+
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+
+
+def _is_decoder_layer(module: torch.nn.Module) -> bool:
+    parts = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    return all(hasattr(module, name) for name in parts) and all(
+        _is_rms_norm(getattr(module, name)) for name in (parts[0], parts[2])
+    )
 
 
 def _is_silu_mlp(module: torch.nn.Module) -> bool:
@@ -98,15 +114,56 @@ def _rms_norm_by_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 def _silu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
-    if gate.is_cuda and gate.is_contiguous() and up.is_contiguous():
+    if gate.is_cuda and not gate.requires_grad and gate.is_contiguous() and up.is_contiguous():
         return self.down_proj(silu_gate_(gate, up))
     if gate.requires_grad:
         return self.down_proj(self.act_fn(gate) * up)
     return self.down_proj(torch.nn.functional.silu(gate, inplace=True).mul_(up))
 
 
+def _decoder_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """transformers' pre-norm decoder layer (Llama, Mistral, Qwen2, Qwen3), its residual add
+    after attention and the post-attention norm in one pass where :func:`_adds_in_kernel`
+    allows. The keyword arguments go to the attention as they came."""
+    if args:  # the layer's own forward places positional arguments by its signature
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    norm = self.post_attention_layernorm
+    if _adds_in_kernel(residual, hidden_states, norm):
+        residual, hidden_states = add_rms_norm(
+            residual, hidden_states, norm.weight, norm.variance_epsilon
+        )
+    else:
+        residual = residual + hidden_states
+        hidden_states = norm(residual)
+    return residual + self.mlp(hidden_states)
+
+
+def _adds_in_kernel(residual: torch.Tensor, out: torch.Tensor, norm: torch.nn.Module) -> bool:
+    """Whether ``residual + out`` and ``norm`` of it can be one kernel pass: tensors where the
+    kernel runs, of the dtype and on the device of the norm's weight (one that accelerate
+    offloads sits elsewhere until a call of the module brings it), unit last strides, nothing
+    for autograd to record, and no torch hooks on the norm (which a call of it would run)."""
+    weight = norm.weight
+    return (
+        _kernel_device(residual)
+        and residual.shape == out.shape
+        and residual.dtype == out.dtype == weight.dtype
+        and residual.device == out.device == weight.device
+        and residual.stride(-1) == 1
+        and out.stride(-1) == 1
+        and not (
+            torch.is_grad_enabled()
+            and (residual.requires_grad or out.requires_grad or weight.requires_grad)
+        )
+        and not (norm._forward_hooks or norm._forward_pre_hooks)
+    )
+
+
 def _kernel_device(x: torch.Tensor) -> bool:
-    """Whether x is where the fused RoPE runs: CUDA (tests add the Triton interpreter)."""
+    """Whether x is where the fused RoPE and add-and-norm run: CUDA (tests add the Triton
+    interpreter)."""
     return x.is_cuda
 
 
