@@ -23,7 +23,13 @@ from transformers import DynamicCache
 
 from seer_cli.engine.attention import ATTENTION_NAME, SparsePrefill
 from seer_cli.engine.errors import SeerError
-from seer_cli.engine.generation import SamplingOptions, chunk_bounds, decode_one_token, prefill
+from seer_cli.engine.generation import (
+    SamplingOptions,
+    cache_argument,
+    chunk_bounds,
+    decode_one_token,
+    prefill,
+)
 from seer_cli.engine.past_keys import undo_rope
 from seer_cli.engine.runtime import Engine, EngineOptions
 from seer_cli.measure.report import Stat
@@ -177,7 +183,7 @@ def test_undoing_rope_recovers_the_pre_rope_keys(family):
     source.register_forward_hook(lambda module, inputs, output: pre_rope.setdefault("k", output))
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=random_ids(200), past_key_values=cache, use_cache=True)
+        model(input_ids=random_ids(200), use_cache=True, **{cache_argument(model): cache})
     keys = pre_rope["k"].view(1, 200, NUM_KV_HEADS, HEAD_DIM)
     recovered = undo_rope(model, cache.layers[0].keys[:, :, 70:], start=70)
     torch.testing.assert_close(recovered, keys[:, 70:], rtol=1e-5, atol=1e-5)
