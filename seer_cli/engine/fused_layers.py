@@ -114,10 +114,10 @@ def _rms_norm_by_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 def _silu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
-    if gate.is_cuda and not gate.requires_grad and gate.is_contiguous() and up.is_contiguous():
-        return self.down_proj(silu_gate_(gate, up))
-    if gate.requires_grad:
+    if gate.requires_grad:  # the in-place forms below would hide their writes from autograd
         return self.down_proj(self.act_fn(gate) * up)
+    if gate.is_cuda and gate.is_contiguous() and up.is_contiguous():
+        return self.down_proj(silu_gate_(gate, up))
     return self.down_proj(torch.nn.functional.silu(gate, inplace=True).mul_(up))
 
 
