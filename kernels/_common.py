@@ -273,13 +273,20 @@ def attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep):
     acc: [BLOCK_M, HEAD_DIM] fp32; l_i, m_i: [BLOCK_M] running sum and max (base-2 domain);
     q: [BLOCK_M, HEAD_DIM]; k: [HEAD_DIM, BLOCK_N] (transposed); v: [BLOCK_N, HEAD_DIM];
     keep: [BLOCK_M, BLOCK_N] bool, or None for a full tile that needs no masking;
-    qk_scale > 0: the softmax scale times log2(e). The max is taken on the unscaled scores and
-    scaled once per row, so each score costs one FMA (``qk · qk_scale − m``) in the exponent.
+    qk_scale > 0: the softmax scale times log2(e).
     """
     # [BLOCK_M, BLOCK_N]
     qk = tl.dot(q, k)
     if keep is not None:
         qk = tl.where(keep, qk, float("-inf"))
+    return attend_scores(acc, l_i, m_i, qk, v, qk_scale)
+
+
+@triton.jit
+def attend_scores(acc, l_i, m_i, qk, v, qk_scale):
+    """:func:`attend_tile` from the tile's scores qk = q·k (masked entries −inf). The max is
+    taken on the unscaled scores and scaled once per row, so each score costs one FMA
+    (``qk · qk_scale − m``) in the exponent."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
@@ -289,11 +296,10 @@ def attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep):
 
 
 @triton.jit
-def attend_tile_pair(acc, l_i, m_i, q, k1, v1, k2, v2, qk_scale):
-    """Two full tiles in one online-softmax step: :func:`attend_tile` on each, one after the
-    other, up to rounding, with a single new max and a single rescale of acc and l_i."""
-    qk1 = tl.dot(q, k1)
-    qk2 = tl.dot(q, k2)
+def attend_scores_pair(acc, l_i, m_i, qk1, v1, qk2, v2, qk_scale):
+    """Two tiles in one online-softmax step: :func:`attend_scores` on each, one after the
+    other, up to rounding, with a single new max and a single rescale of acc and l_i. A tile
+    may be wholly masked, not both: the row max must stay finite."""
     m_new = tl.maximum(m_i, tl.maximum(tl.max(qk1, 1), tl.max(qk2, 1)) * qk_scale)
     p1 = tl.math.exp2(qk1 * qk_scale - m_new[:, None])
     p2 = tl.math.exp2(qk2 * qk_scale - m_new[:, None])

@@ -19,9 +19,15 @@ d 128, bf16; 41.2 ms before them, ``benchmarks/kernel_variants.py`` keeps the va
   take the same loop with pointer loads.
 
 At head_dim 64 (9 query / 3 key-value heads, the default model's shapes) a row walks its list two
-entries per step, one softmax update for both tiles (``attend_tile_pair``): 0.77 → 0.64 ms at
+entries per step, one softmax update for both tiles (``attend_scores_pair``): 0.77 → 0.64 ms at
 32768 tokens and 5.82 → 5.15 ms at 131072 (sparsity 0.9, same GPU). At head_dim 128 the paired
 step is slower (35.95 → 41.21 ms at 131072): more registers live, fewer programs in flight.
+
+A row's whole walk is one pipelined loop: its diagonal block first (masked in step 0), then the
+listed blocks, an odd walk padded with the block above the diagonal, which causality masks whole.
+Before, the diagonal and an odd last entry ran after the loop, loaded without overlap: 0.644 →
+0.601 ms at 32768 / d64, 3.11 → 2.25 at 32768 / d128, 35.8 → 32.8 at 131072 / d128 (sparsity 0.9,
+same GPU).
 """
 
 import threading
@@ -33,16 +39,14 @@ import triton.language as tl
 from ._common import (
     BLOCK,
     LOG2_E,
-    attend_tile,
-    attend_tile_pair,
+    attend_scores,
+    attend_scores_pair,
     autotuned,
     check_attention_inputs,
     check_kernel_launch,
     contiguous_last,
     group_major_coordinates,
     launch,
-    load_diagonal_tile,
-    load_kv_tile,
     num_blocks,
     query_blocks,
     seq_bucket,
@@ -51,21 +55,43 @@ from ._common import (
     store_query_block,
 )
 
-# Head dims whose rows walk their lists two entries per step (``attend_tile_pair``).
+# Head dims whose rows walk their lists two entries per step (``attend_scores_pair``).
 PAIRED_HEAD_DIMS = (64,)
 
 
 @triton.jit
-def _listed_tile(k_desc, v_desc, k_base, v_base, block, offs_n, offs_d, stride_ks, stride_vs,
+def _walk_entry(idx_base, e, count, diagonal):
+    """The key block of entry e of a row's walk: its diagonal block first (e = 0), then the
+    ``count`` listed blocks, then, as padding to a whole last step, the block above the
+    diagonal, which causality masks whole."""
+    listed = tl.load(idx_base + e - 1, mask=(e >= 1) & (e <= count), other=0)
+    return tl.where(e == 0, diagonal, tl.where(e > count, diagonal + 1, listed))
+
+
+@triton.jit
+def _tile_scores(q, k_desc, v_desc, k_base, v_base, block, offs_d, stride_ks, stride_vs, seq_len,
                  BLOCK: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
-    """The key/value tile of listed block ``block``: k [HEAD_DIM, BLOCK] (transposed), v."""
+    """q·k of key block ``block`` [BLOCK_M, BLOCK] and its value tile; columns past the keys
+    read as zeros (TMA fills them; pointer loads mask them), for the caller to mask."""
     if USE_TMA:
         k = k_desc.load([block * BLOCK, 0]).T
         v = v_desc.load([block * BLOCK, 0])
     else:
-        cols = block.to(tl.int64) * BLOCK + offs_n
-        k, v = load_kv_tile(k_base, v_base, cols, offs_d, stride_ks, stride_vs)
-    return k, v
+        cols = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_range = cols < seq_len
+        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=in_range[None, :],
+                    other=0.0)  # fmt: skip
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)  # fmt: skip
+    return tl.dot(q, k), v
+
+
+@triton.jit
+def _causal(qk, offs_m, block, seq_len, BLOCK: tl.constexpr):
+    """Scores of key block ``block`` with the keys after each query, or past the last key, −inf."""
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    keep = (offs_m[:, None] >= cols[None, :]) & (cols < seq_len)[None, :]
+    return tl.where(keep, qk, float("-inf"))
 
 
 @triton.jit(do_not_specialize=["q_start", "seq_len", "seq_bucket"])
@@ -90,7 +116,6 @@ def _block_sparse_fwd(
         Q + batch * stride_qb + head * stride_qh, block_m, stride_qs, q_start, seq_len,
         HEAD_DIM, BLOCK,
     )  # fmt: skip
-    offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     k_desc, v_desc = None, None
     if USE_TMA:
@@ -101,28 +126,27 @@ def _block_sparse_fwd(
             v_base, [seq_len, HEAD_DIM], [stride_vs, 1], [BLOCK, HEAD_DIM]
         )
 
-    # Off-diagonal kept blocks are always full tiles below the diagonal: no masking needed.
+    # One pipelined loop walks the diagonal block, then the listed ones (full tiles below the
+    # diagonal: no masking), STEP entries at a time.
     idx_base = BlockIdx + batch * stride_ib + head * stride_ih + row * stride_im
     count = tl.load(BlockCount + batch * stride_cb + head * stride_ch + row)
-    single_from = 0
-    if PAIRED:
-        for t in range(0, count // 2):
-            k1, v1 = _listed_tile(k_desc, v_desc, k_base, v_base, tl.load(idx_base + 2 * t),
-                                  offs_n, offs_d, stride_ks, stride_vs, BLOCK, USE_TMA)  # fmt: skip
-            k2, v2 = _listed_tile(k_desc, v_desc, k_base, v_base, tl.load(idx_base + 2 * t + 1),
-                                  offs_n, offs_d, stride_ks, stride_vs, BLOCK, USE_TMA)  # fmt: skip
-            acc, l_i, m_i = attend_tile_pair(acc, l_i, m_i, q, k1, v1, k2, v2, qk_scale)
-        single_from = count - count % 2
-    for t in range(single_from, count):
-        k, v = _listed_tile(k_desc, v_desc, k_base, v_base, tl.load(idx_base + t), offs_n,
-                            offs_d, stride_ks, stride_vs, BLOCK, USE_TMA)  # fmt: skip
-        acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, None)
-
-    # The diagonal tile, always computed: causal inside, and possibly the partial last block.
-    k, v, keep = load_diagonal_tile(
-        k_base, v_base, offs_m, block_m * BLOCK + offs_n, offs_d, stride_ks, stride_vs, seq_len
-    )
-    acc, l_i, m_i = attend_tile(acc, l_i, m_i, q, k, v, qk_scale, keep)
+    diagonal = block_m.to(tl.int32)
+    STEP: tl.constexpr = 2 if PAIRED else 1
+    for t in range(0, (count + STEP) // STEP):
+        b1 = _walk_entry(idx_base, STEP * t, count, diagonal)
+        qk1, v1 = _tile_scores(q, k_desc, v_desc, k_base, v_base, b1, offs_d, stride_ks,
+                               stride_vs, seq_len, BLOCK, USE_TMA)  # fmt: skip
+        if t == 0:
+            qk1 = _causal(qk1, offs_m, b1, seq_len, BLOCK)
+        if PAIRED:
+            b2 = _walk_entry(idx_base, 2 * t + 1, count, diagonal)
+            qk2, v2 = _tile_scores(q, k_desc, v_desc, k_base, v_base, b2, offs_d, stride_ks,
+                                   stride_vs, seq_len, BLOCK, USE_TMA)  # fmt: skip
+            if 2 * t + 1 > count:
+                qk2 = tl.full([BLOCK, BLOCK], float("-inf"), tl.float32)
+            acc, l_i, m_i = attend_scores_pair(acc, l_i, m_i, qk1, v1, qk2, v2, qk_scale)
+        else:
+            acc, l_i, m_i = attend_scores(acc, l_i, m_i, qk1, v1, qk_scale)
 
     o_base = Out + batch * stride_ob + head * stride_oh
     store_query_block(o_base, offs_m - q_start, row_valid, acc, l_i, stride_os, HEAD_DIM)
