@@ -97,7 +97,8 @@ class TuningTable:
     def __init__(self, slug: str):
         self.cache_file = seer_cache_dir() / "tuning" / f"{slug}.json"
         shipped = files("seer_kernels") / _SHIPPED / f"{slug}.json"
-        self.shipped = json.loads(shipped.read_text()) if shipped.is_file() else {}
+        use = shipped.is_file() and _shipped_tables_used
+        self.shipped = json.loads(shipped.read_text()) if use else {}
         self.cached = self._read_cache()
 
     def _read_cache(self) -> dict:
@@ -122,6 +123,14 @@ class TuningTable:
 
 
 _tables: dict[str, TuningTable] = {}
+_shipped_tables_used = True
+
+
+def ignore_shipped_tables() -> None:
+    """Tune every key afresh in this process, as if no table shipped (to re-measure them)."""
+    global _shipped_tables_used
+    _shipped_tables_used = False
+    _tables.clear()
 
 
 def _table(device: torch.device) -> TuningTable:

@@ -76,6 +76,13 @@ def test_shipped_entries_win_over_the_cache(fresh_tables, monkeypatch):
     assert table.get("k") == {"num_warps": 4, "num_stages": 2}
 
 
+def test_retuning_ignores_the_shipped_tables(fresh_tables, monkeypatch):
+    monkeypatch.setattr(tuning, "_shipped_tables_used", True)  # restored afterwards
+    assert tuning.TuningTable("nvidia-h100-80gb-hbm3").shipped
+    tuning.ignore_shipped_tables()
+    assert tuning.TuningTable("nvidia-h100-80gb-hbm3").shipped == {}
+
+
 @needs_gpu
 def test_shipped_tables_hold_valid_configs():
     from importlib.resources import files
