@@ -251,10 +251,8 @@ def load_kv_tile(k_base, v_base, cols, offs_d, stride_ks, stride_vs):
 
 
 @triton.jit
-def load_diagonal_tile(k_base, v_base, offs_m, cols, offs_d, stride_ks, stride_vs, seq_len):
-    """The diagonal key/value tile, which may be the partial last block, and its causal mask
-    keep [BLOCK_M, BLOCK_N] (offs_m: the query positions; rows before the queries' first
-    position, in a partial first block, are masked at load and store, not here)."""
+def load_kv_tile_in_range(k_base, v_base, cols, offs_d, stride_ks, stride_vs, seq_len):
+    """:func:`load_kv_tile` for a tile that may run past the last key: those columns read 0."""
     col_valid = cols < seq_len
     k = tl.load(
         k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=col_valid[None, :], other=0.0
@@ -262,8 +260,22 @@ def load_diagonal_tile(k_base, v_base, offs_m, cols, offs_d, stride_ks, stride_v
     v = tl.load(
         v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=col_valid[:, None], other=0.0
     )
-    keep = (offs_m[:, None] >= cols[None, :]) & col_valid[None, :]
-    return k, v, keep
+    return k, v
+
+
+@triton.jit
+def causal_keep(offs_m, cols, seq_len):
+    """[BLOCK_M, BLOCK_N]: which keys (cols) each query (offs_m, positions) sees, causally."""
+    return (offs_m[:, None] >= cols[None, :]) & (cols < seq_len)[None, :]
+
+
+@triton.jit
+def load_diagonal_tile(k_base, v_base, offs_m, cols, offs_d, stride_ks, stride_vs, seq_len):
+    """The diagonal key/value tile, which may be the partial last block, and its causal mask
+    keep [BLOCK_M, BLOCK_N] (offs_m: the query positions; rows before the queries' first
+    position, in a partial first block, are masked at load and store, not here)."""
+    k, v = load_kv_tile_in_range(k_base, v_base, cols, offs_d, stride_ks, stride_vs, seq_len)
+    return k, v, causal_keep(offs_m, cols, seq_len)
 
 
 @triton.jit

@@ -42,11 +42,13 @@ from ._common import (
     attend_scores,
     attend_scores_pair,
     autotuned,
+    causal_keep,
     check_attention_inputs,
     check_kernel_launch,
     contiguous_last,
     group_major_coordinates,
     launch,
+    load_kv_tile_in_range,
     num_blocks,
     query_blocks,
     seq_bucket,
@@ -78,19 +80,14 @@ def _tile_scores(q, k_desc, v_desc, k_base, v_base, block, offs_d, stride_ks, st
         v = v_desc.load([block * BLOCK, 0])
     else:
         cols = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        in_range = cols < seq_len
-        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=in_range[None, :],
-                    other=0.0)  # fmt: skip
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)  # fmt: skip
+        k, v = load_kv_tile_in_range(k_base, v_base, cols, offs_d, stride_ks, stride_vs, seq_len)
     return tl.dot(q, k), v
 
 
 @triton.jit
 def _causal(qk, offs_m, block, seq_len, BLOCK: tl.constexpr):
     """Scores of key block ``block`` with the keys after each query, or past the last key, −inf."""
-    cols = block * BLOCK + tl.arange(0, BLOCK)
-    keep = (offs_m[:, None] >= cols[None, :]) & (cols < seq_len)[None, :]
+    keep = causal_keep(offs_m, block * BLOCK + tl.arange(0, BLOCK), seq_len)
     return tl.where(keep, qk, float("-inf"))
 
 
