@@ -195,19 +195,24 @@ def program_coordinates(num_q_heads, kv_group):
 
 
 @triton.jit
-def group_major_coordinates(num_q_heads, kv_group):
-    """:func:`program_coordinates` for a launch grid (query block rows · kv_group, batch · Hkv).
+def group_major_coordinates(num_q_heads, kv_group, last_splits):
+    """:func:`program_coordinates` for a launch grid ((query block rows + last_splits − 1) ·
+    kv_group, batch · Hkv), and which share of its row's walk the program takes.
 
     The kv_group query heads that read one key/value head are neighbouring programs on the same
     query row, so a key/value tile that several of them load comes from memory once and then
-    from L2; the last query rows, which attend to the most blocks, start first.
+    from L2. The last query row, which attends to the most blocks, runs as last_splits programs
+    that start first (split 0, 1, …; −1 where the row is one program's), then the other rows
+    from the last.
     """
-    rows = tl.num_programs(0) // kv_group
-    block_m = (rows - 1 - tl.program_id(0) // kv_group).to(tl.int64)
+    slot = tl.program_id(0) // kv_group
+    rows = tl.num_programs(0) // kv_group - (last_splits - 1)
+    block_m = (rows - 1 - tl.maximum(slot - (last_splits - 1), 0)).to(tl.int64)
+    split = tl.where((last_splits > 1) & (slot < last_splits), slot, -1)
     num_kv_heads = num_q_heads // kv_group
     batch = (tl.program_id(1) // num_kv_heads).to(tl.int64)
     kv_head = (tl.program_id(1) % num_kv_heads).to(tl.int64)
-    return block_m, batch, kv_head * kv_group + tl.program_id(0) % kv_group, kv_head
+    return block_m, batch, kv_head * kv_group + tl.program_id(0) % kv_group, kv_head, split
 
 
 @triton.jit

@@ -50,7 +50,9 @@ from ._common import (
     launch,
     load_kv_tile_in_range,
     num_blocks,
+    on_device,
     query_blocks,
+    run_kernel,
     seq_bucket,
     softmax_scale,
     start_query_block,
@@ -59,6 +61,8 @@ from ._common import (
 
 # Head dims whose rows walk their lists two entries per step (``attend_scores_pair``).
 PAIRED_HEAD_DIMS = (64,)
+# Walk entries per program of the last query row, which a dense last row makes the longest.
+LAST_ROW_SPLIT_ENTRIES = 64
 
 
 @triton.jit
@@ -91,19 +95,19 @@ def _causal(qk, offs_m, block, seq_len, BLOCK: tl.constexpr):
     return tl.where(keep, qk, float("-inf"))
 
 
-@triton.jit(do_not_specialize=["q_start", "seq_len", "seq_bucket"])
+@triton.jit(do_not_specialize=["q_start", "seq_len", "seq_bucket", "last_splits"])
 def _block_sparse_fwd(
-    Q, K, V, Out, BlockIdx, BlockCount,
+    Q, K, V, Out, BlockIdx, BlockCount, Partial, PartialStats,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
     stride_ib, stride_ih, stride_im,
     stride_cb, stride_ch,
-    num_q_heads, kv_group, q_start, seq_len, qk_scale, seq_bucket,
+    num_q_heads, kv_group, q_start, seq_len, qk_scale, seq_bucket, last_splits,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, USE_TMA: tl.constexpr, PAIRED: tl.constexpr,
 ):  # fmt: skip
-    row, batch, head, kv_head = group_major_coordinates(num_q_heads, kv_group)
+    row, batch, head, kv_head, split = group_major_coordinates(num_q_heads, kv_group, last_splits)
     # Queries are the positions [q_start, seq_len): row r is block q_start // BLOCK + r.
     block_m = q_start // BLOCK + row
     k_base = K + batch * stride_kb + kv_head * stride_kh
@@ -124,29 +128,76 @@ def _block_sparse_fwd(
         )
 
     # One pipelined loop walks the diagonal block, then the listed ones (full tiles below the
-    # diagonal: no masking), STEP entries at a time.
+    # diagonal: no masking), STEP entries at a time; a split row's program, its share of them.
     idx_base = BlockIdx + batch * stride_ib + head * stride_ih + row * stride_im
     count = tl.load(BlockCount + batch * stride_cb + head * stride_ch + row)
     diagonal = block_m.to(tl.int32)
     STEP: tl.constexpr = 2 if PAIRED else 1
-    for t in range(0, (count + STEP) // STEP):
-        b1 = _walk_entry(idx_base, STEP * t, count, diagonal)
+    first, end = 0, count + 1
+    if split >= 0:
+        share = STEP * tl.cdiv(tl.cdiv(count + 1, last_splits), STEP)
+        first = tl.minimum(split * share, count + 1)
+        end = tl.minimum(first + share, count + 1)
+    for t in range(0, tl.cdiv(end - first, STEP)):
+        e = first + STEP * t
+        b1 = _walk_entry(idx_base, e, count, diagonal)
         qk1, v1 = _tile_scores(q, k_desc, v_desc, k_base, v_base, b1, offs_d, stride_ks,
                                stride_vs, seq_len, BLOCK, USE_TMA)  # fmt: skip
-        if t == 0:
+        if e == 0:
             qk1 = _causal(qk1, offs_m, b1, seq_len, BLOCK)
         if PAIRED:
-            b2 = _walk_entry(idx_base, 2 * t + 1, count, diagonal)
+            b2 = _walk_entry(idx_base, e + 1, count, diagonal)
             qk2, v2 = _tile_scores(q, k_desc, v_desc, k_base, v_base, b2, offs_d, stride_ks,
                                    stride_vs, seq_len, BLOCK, USE_TMA)  # fmt: skip
-            if 2 * t + 1 > count:
+            if e + 1 > count:
                 qk2 = tl.full([BLOCK, BLOCK], float("-inf"), tl.float32)
             acc, l_i, m_i = attend_scores_pair(acc, l_i, m_i, qk1, v1, qk2, v2, qk_scale)
         else:
             acc, l_i, m_i = attend_scores(acc, l_i, m_i, qk1, v1, qk_scale)
 
-    o_base = Out + batch * stride_ob + head * stride_oh
-    store_query_block(o_base, offs_m - q_start, row_valid, acc, l_i, stride_os, HEAD_DIM)
+    if split >= 0:
+        part = (batch * num_q_heads + head) * last_splits + split
+        store_partial(Partial, PartialStats, part, acc, l_i, m_i, HEAD_DIM, BLOCK)
+    else:
+        o_base = Out + batch * stride_ob + head * stride_oh
+        store_query_block(o_base, offs_m - q_start, row_valid, acc, l_i, stride_os, HEAD_DIM)
+
+
+@triton.jit
+def store_partial(Partial, PartialStats, part, acc, l_i, m_i, HEAD_DIM: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """One split's unnormalised accumulator [BLOCK, HEAD_DIM] and its softmax max and sum."""
+    offs_m, offs_d = tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM)
+    tl.store(Partial + part * BLOCK * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc)
+    tl.store(PartialStats + part * 2 * BLOCK + offs_m, m_i)
+    tl.store(PartialStats + part * 2 * BLOCK + BLOCK + offs_m, l_i)
+
+
+@triton.jit(do_not_specialize=["q_start", "seq_len", "splits"])
+def _merge_last_row(
+    Partial, PartialStats, Out, stride_ob, stride_oh, stride_os,
+    num_q_heads, q_start, seq_len, last_block, splits,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The last query row of one (batch, head) from its splits' partial results."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_m, offs_d = tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM)
+    stats = PartialStats + bh * splits * 2 * BLOCK + offs_m
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    for s in range(0, splits):
+        m = tl.maximum(m, tl.load(stats + s * 2 * BLOCK))
+    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    parts = Partial + bh * splits * BLOCK * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    for s in range(0, splits):
+        # A split with nothing to walk has max −inf and sum 0: weight 0.
+        weight = tl.math.exp2(tl.load(stats + s * 2 * BLOCK) - m)
+        l_i += weight * tl.load(stats + s * 2 * BLOCK + BLOCK)
+        acc += weight[:, None] * tl.load(parts + s * BLOCK * HEAD_DIM)
+    rows = last_block * BLOCK + offs_m
+    o_base = Out + (bh // num_q_heads) * stride_ob + (bh % num_q_heads) * stride_oh
+    row_valid = (rows >= q_start) & (rows < seq_len)
+    store_query_block(o_base, rows - q_start, row_valid, acc, l_i, stride_os, HEAD_DIM)
 
 
 _block_sparse_fwd_tuned = autotuned(_block_sparse_fwd)
@@ -294,6 +345,12 @@ def _set_scratch_allocator() -> None:
     _scratch_allocator_set.done = True
 
 
+def last_row_splits(kv_len: int) -> int:
+    """Programs that walk the last query row: one per ``LAST_ROW_SPLIT_ENTRIES`` of the
+    longest walk it can have (its diagonal and every block before it)."""
+    return triton.cdiv(num_blocks(kv_len), LAST_ROW_SPLIT_ENTRIES)
+
+
 def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor:
     q, k, v = (contiguous_last(x) for x in (q, k, v))
     b, hq, s, d = q.shape
@@ -303,19 +360,32 @@ def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor
     if use_tma and q.is_cuda:
         _set_scratch_allocator()
     group = hq // hkv
-    grid = (query_blocks(s, kv_len)[1] * group, b * hkv)
+    rows = query_blocks(s, kv_len)[1]
+    splits = last_row_splits(kv_len)
+    # Unnormalised partial results of the last row's splits (one float each where unsplit).
+    size = b * hq * splits * BLOCK if splits > 1 else 1
+    partial = torch.empty(size * d, dtype=torch.float32, device=q.device)
+    partial_stats = torch.empty(size * 2, dtype=torch.float32, device=q.device)
+    grid = ((rows + splits - 1) * group, b * hkv)
     launch(
         _block_sparse_fwd, _block_sparse_fwd_tuned, grid, q.device,
-        q, k, v, out, indices, counts,
+        q, k, v, out, indices, counts, partial, partial_stats,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         counts.stride(0), counts.stride(1),
-        hq, group, kv_len - s, kv_len, scale * LOG2_E, seq_bucket(kv_len),
+        hq, group, kv_len - s, kv_len, scale * LOG2_E, seq_bucket(kv_len), splits,
         HEAD_DIM=d, BLOCK=BLOCK, USE_TMA=use_tma, PAIRED=d in PAIRED_HEAD_DIMS,
     )  # fmt: skip
+    if splits > 1:
+        with on_device(q.device):
+            run_kernel(
+                _merge_last_row, (b * hq,), partial, partial_stats, out,
+                out.stride(0), out.stride(1), out.stride(2),
+                hq, kv_len - s, kv_len, num_blocks(kv_len) - 1, splits, HEAD_DIM=d, BLOCK=BLOCK,
+            )  # fmt: skip
     return out
 
 

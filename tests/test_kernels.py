@@ -232,6 +232,32 @@ def test_block_lists_in_any_order_give_the_mask_result(poisoned_empty):
     torch.testing.assert_close(out, block_sparse_attention(q, k, v, mask), rtol=1e-3, atol=1e-3)
 
 
+@needs_kernel_device
+@pytest.mark.parametrize("split_entries", [1, 3])
+@pytest.mark.parametrize("mask_kind", ["random", "full"])
+@pytest.mark.parametrize("shape", [(1000, 4, 4, 64), (700, 6, 2, 128)], ids=shape_id)
+def test_last_row_split_over_programs(shape, mask_kind, split_entries, poisoned_empty, monkeypatch):
+    """The last query row walked in shares of a few entries by several programs, then merged,
+    gives the reference's result, for a whole prompt and for a chunk that continues a cache."""
+    import seer_kernels.block_sparse as block_sparse
+
+    q, k, v = random_qkv(shape, KERNEL_DTYPES[0], KERNEL_DEVICE, seed=10)
+    mask = make_mask(mask_kind, 2, shape[1], shape[0], KERNEL_DEVICE, seed=10)
+    whole = block_sparse_attention(q, k, v, mask)
+    # The last 300 queries: the chunk starts inside a block.
+    q_chunk = q[:, :, -300:]
+    chunk_rows = num_blocks(shape[0]) - (shape[0] - 300) // BLOCK
+    chunk = block_sparse_attention(q_chunk, k, v, mask[:, :, -chunk_rows:])
+    monkeypatch.setattr(block_sparse, "LAST_ROW_SPLIT_ENTRIES", split_entries)
+    assert block_sparse.last_row_splits(shape[0]) > 1
+    out = block_sparse_attention(q, k, v, mask)
+    same_precision = block_sparse_attention_reference(q, k, v, mask)
+    assert_close_to_oracle(out, same_precision, oracle_attention(q, k, v, mask))
+    torch.testing.assert_close(out, whole, rtol=1e-3, atol=1e-3)
+    split_chunk = block_sparse_attention(q_chunk, k, v, mask[:, :, -chunk_rows:])
+    torch.testing.assert_close(split_chunk, chunk, rtol=1e-3, atol=1e-3)
+
+
 @needs_gpu
 def test_compiling_ahead_compiles_without_running(poisoned_empty, monkeypatch):
     """Inside ``compiling_ahead`` a launch leaves its output unwritten; the real launch after it
