@@ -28,6 +28,14 @@ listed blocks, an odd walk padded with the block above the diagonal, which causa
 Before, the diagonal and an odd last entry ran after the loop, loaded without overlap: 0.644 →
 0.601 ms at 32768 / d64, 3.11 → 2.25 at 32768 / d128, 35.8 → 32.8 at 131072 / d128 (sparsity 0.9,
 same GPU).
+
+The last query row runs as several programs, each walking up to ``LAST_ROW_SPLIT_ENTRIES``
+entries of it; they write unnormalised partial results that a second kernel merges. A dense last
+row (the policy's default) lists every block before it, 511 at 32768 tokens where no other row
+lists more than 49, and one program walking it was the kernel's critical path: 0.598 → 0.365 ms
+at 32768 / d64 and 0.498 → 0.232 at sparsity 0.95; 5.08 → 4.92 at 131072 / d64 (same GPU). At
+head_dim 128 the split lost at 131072 (28.99 → 32.43 ms, though 32768 gained 2.21 → 2.08), so
+there the row stays one program's walk.
 """
 
 import threading
@@ -61,7 +69,9 @@ from ._common import (
 
 # Head dims whose rows walk their lists two entries per step (``attend_scores_pair``).
 PAIRED_HEAD_DIMS = (64,)
-# Walk entries per program of the last query row, which a dense last row makes the longest.
+# Head dims whose last query row, which a dense last row makes the longest walk, runs as several
+# programs of at most LAST_ROW_SPLIT_ENTRIES walk entries each.
+LAST_ROW_SPLIT_HEAD_DIMS = (64,)
 LAST_ROW_SPLIT_ENTRIES = 64
 
 
@@ -106,6 +116,7 @@ def _block_sparse_fwd(
     stride_cb, stride_ch,
     num_q_heads, kv_group, q_start, seq_len, qk_scale, seq_bucket, last_splits,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, USE_TMA: tl.constexpr, PAIRED: tl.constexpr,
+    SPLIT_LAST: tl.constexpr,
 ):  # fmt: skip
     row, batch, head, kv_head, split = group_major_coordinates(num_q_heads, kv_group, last_splits)
     # Queries are the positions [q_start, seq_len): row r is block q_start // BLOCK + r.
@@ -134,10 +145,11 @@ def _block_sparse_fwd(
     diagonal = block_m.to(tl.int32)
     STEP: tl.constexpr = 2 if PAIRED else 1
     first, end = 0, count + 1
-    if split >= 0:
-        share = STEP * tl.cdiv(tl.cdiv(count + 1, last_splits), STEP)
-        first = tl.minimum(split * share, count + 1)
-        end = tl.minimum(first + share, count + 1)
+    if SPLIT_LAST:
+        if split >= 0:
+            share = STEP * tl.cdiv(tl.cdiv(count + 1, last_splits), STEP)
+            first = tl.minimum(split * share, count + 1)
+            end = tl.minimum(first + share, count + 1)
     for t in range(0, tl.cdiv(end - first, STEP)):
         e = first + STEP * t
         b1 = _walk_entry(idx_base, e, count, diagonal)
@@ -155,11 +167,14 @@ def _block_sparse_fwd(
         else:
             acc, l_i, m_i = attend_scores(acc, l_i, m_i, qk1, v1, qk_scale)
 
-    if split >= 0:
-        part = (batch * num_q_heads + head) * last_splits + split
-        store_partial(Partial, PartialStats, part, acc, l_i, m_i, HEAD_DIM, BLOCK)
+    o_base = Out + batch * stride_ob + head * stride_oh
+    if SPLIT_LAST:
+        if split >= 0:
+            part = (batch * num_q_heads + head) * last_splits + split
+            store_partial(Partial, PartialStats, part, acc, l_i, m_i, HEAD_DIM, BLOCK)
+        else:
+            store_query_block(o_base, offs_m - q_start, row_valid, acc, l_i, stride_os, HEAD_DIM)
     else:
-        o_base = Out + batch * stride_ob + head * stride_oh
         store_query_block(o_base, offs_m - q_start, row_valid, acc, l_i, stride_os, HEAD_DIM)
 
 
@@ -345,9 +360,12 @@ def _set_scratch_allocator() -> None:
     _scratch_allocator_set.done = True
 
 
-def last_row_splits(kv_len: int) -> int:
-    """Programs that walk the last query row: one per ``LAST_ROW_SPLIT_ENTRIES`` of the
-    longest walk it can have (its diagonal and every block before it)."""
+def last_row_splits(kv_len: int, head_dim: int) -> int:
+    """Programs that walk the last query row: at head dims that split it, one per
+    ``LAST_ROW_SPLIT_ENTRIES`` of the longest walk it can have (its diagonal and every block
+    before it)."""
+    if head_dim not in LAST_ROW_SPLIT_HEAD_DIMS:
+        return 1
     return triton.cdiv(num_blocks(kv_len), LAST_ROW_SPLIT_ENTRIES)
 
 
@@ -361,7 +379,7 @@ def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor
         _set_scratch_allocator()
     group = hq // hkv
     rows = query_blocks(s, kv_len)[1]
-    splits = last_row_splits(kv_len)
+    splits = last_row_splits(kv_len, d)
     # Unnormalised partial results of the last row's splits (one float each where unsplit).
     size = b * hq * splits * BLOCK if splits > 1 else 1
     partial = torch.empty(size * d, dtype=torch.float32, device=q.device)
@@ -378,6 +396,7 @@ def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor
         counts.stride(0), counts.stride(1),
         hq, group, kv_len - s, kv_len, scale * LOG2_E, seq_bucket(kv_len), splits,
         HEAD_DIM=d, BLOCK=BLOCK, USE_TMA=use_tma, PAIRED=d in PAIRED_HEAD_DIMS,
+        SPLIT_LAST=d in LAST_ROW_SPLIT_HEAD_DIMS,
     )  # fmt: skip
     if splits > 1:
         with on_device(q.device):

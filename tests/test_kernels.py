@@ -249,7 +249,8 @@ def test_last_row_split_over_programs(shape, mask_kind, split_entries, poisoned_
     chunk_rows = num_blocks(shape[0]) - (shape[0] - 300) // BLOCK
     chunk = block_sparse_attention(q_chunk, k, v, mask[:, :, -chunk_rows:])
     monkeypatch.setattr(block_sparse, "LAST_ROW_SPLIT_ENTRIES", split_entries)
-    assert block_sparse.last_row_splits(shape[0]) > 1
+    monkeypatch.setattr(block_sparse, "LAST_ROW_SPLIT_HEAD_DIMS", (64, 128))
+    assert block_sparse.last_row_splits(shape[0], shape[3]) > 1
     out = block_sparse_attention(q, k, v, mask)
     same_precision = block_sparse_attention_reference(q, k, v, mask)
     assert_close_to_oracle(out, same_precision, oracle_attention(q, k, v, mask))

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import needs_gpu
+from conftest import needs_gpu, needs_kernel_device
 from seer_kernels import tuning
 
 
@@ -81,6 +81,32 @@ def test_retuning_ignores_the_shipped_tables(fresh_tables, monkeypatch):
     assert tuning.TuningTable("nvidia-h100-80gb-hbm3").shipped
     tuning.ignore_shipped_tables()
     assert tuning.TuningTable("nvidia-h100-80gb-hbm3").shipped == {}
+
+
+@needs_kernel_device
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_shipped_table_has_the_block_sparse_launchs_keys(monkeypatch, head_dim):
+    """The key names the kernel's tensors' dtypes: a new tensor argument changes it, and the
+    shipped entries must follow, or the first run after install tunes again."""
+    from importlib.resources import files
+
+    import seer_kernels.block_sparse as block_sparse
+
+    keys = []
+
+    def record(kernel, tuned_kernel, grid, device, *args, **constexprs):
+        keys.append(tuning.tuning_key(tuned_kernel, args, constexprs))
+
+    monkeypatch.setattr(block_sparse, "launch", record)
+    q = torch.zeros(1, 4, 32768, head_dim, dtype=torch.float16)
+    k = v = torch.zeros(1, 2, 32768, head_dim, dtype=torch.float16)
+    counts = torch.zeros(1, 4, 512, dtype=torch.int32)
+    indices = torch.zeros(1, 4, 512, 1, dtype=torch.int32)
+    monkeypatch.setattr(block_sparse, "LAST_ROW_SPLIT_ENTRIES", 10**6)  # no merge to run
+    block_sparse.block_sparse_attention_from_lists(q, k, v, indices, counts)
+    table = files("seer_kernels") / "tuned" / "nvidia-h100-80gb-hbm3.json"
+    shipped = json.loads(table.read_text())
+    assert keys and keys[0] in shipped
 
 
 @needs_gpu
