@@ -171,7 +171,7 @@ def _block_sparse_fwd(
     if SPLIT_LAST:
         if split >= 0:
             part = (batch * num_q_heads + head) * last_splits + split
-            store_partial(Partial, PartialStats, part, acc, l_i, m_i, HEAD_DIM, BLOCK)
+            _store_partial(Partial, PartialStats, part, acc, l_i, m_i, HEAD_DIM, BLOCK)
         else:
             store_query_block(o_base, offs_m - q_start, row_valid, acc, l_i, stride_os, HEAD_DIM)
     else:
@@ -179,7 +179,7 @@ def _block_sparse_fwd(
 
 
 @triton.jit
-def store_partial(Partial, PartialStats, part, acc, l_i, m_i, HEAD_DIM: tl.constexpr,
+def _store_partial(Partial, PartialStats, part, acc, l_i, m_i, HEAD_DIM: tl.constexpr,
                   BLOCK: tl.constexpr):  # fmt: skip
     """One split's unnormalised accumulator [BLOCK, HEAD_DIM] and its softmax max and sum."""
     offs_m, offs_d = tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM)
