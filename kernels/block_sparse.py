@@ -380,10 +380,11 @@ def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor
     group = hq // hkv
     rows = query_blocks(s, kv_len)[1]
     splits = last_row_splits(kv_len, d)
-    # Unnormalised partial results of the last row's splits (one float each where unsplit).
+    # Unnormalised partial results of the last row's splits and their max and sum, in one
+    # allocation (a few floats where unsplit).
     size = b * hq * splits * BLOCK if splits > 1 else 1
-    partial = torch.empty(size * d, dtype=torch.float32, device=q.device)
-    partial_stats = torch.empty(size * 2, dtype=torch.float32, device=q.device)
+    scratch = torch.empty(size * (d + 2), dtype=torch.float32, device=q.device)
+    partial, partial_stats = scratch[: size * d], scratch[size * d :]
     grid = ((rows + splits - 1) * group, b * hkv)
     launch(
         _block_sparse_fwd, _block_sparse_fwd_tuned, grid, q.device,
