@@ -6,12 +6,15 @@ Shapes: Llama-3.1-8B attention (32 Q / 8 KV heads, head_dim 128) and the bundled
 256k tokens, pooled attention (the distillation harvest) to 32k.
 
     python benchmarks/tune_kernels.py --out kernels/tuned
+    python benchmarks/tune_kernels.py --out kernels/tuned --shapes smollm2-135m
+
+With ``--shapes``, only those shapes' entries are measured again; the table's other entries
+are kept as they are.
 """
 
 import argparse
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +29,10 @@ POOLED_LENGTHS = [2**n for n in range(10, 16)]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("kernels/tuned"))
+    parser.add_argument(
+        "--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES),
+        help="shapes to measure again (default: all, a new table)",
+    )  # fmt: skip
     args = parser.parse_args()
     os.environ["SEER_CACHE_DIR"] = cache = tempfile.mkdtemp()  # before the kernels read it
 
@@ -36,7 +43,8 @@ def main() -> None:
     device = torch.device("cuda")
     started = time.perf_counter()
     for dtype in (torch.bfloat16, torch.float16):
-        for name, (hq, hkv, d) in SHAPES.items():
+        for name in args.shapes:
+            hq, hkv, d = SHAPES[name]
             for length in SPARSE_LENGTHS:
                 q = torch.randn(1, hq, length, d, device=device, dtype=dtype)
                 k, v = torch.randn(2, 1, hkv, length, d, device=device, dtype=dtype)
@@ -52,10 +60,12 @@ def main() -> None:
                 del q, k, v, indices, counts
                 torch.cuda.empty_cache()
     slug = tuning.gpu_slug(device)
+    table = args.out / f"{slug}.json"
+    measured = json.loads((Path(cache) / "tuning" / f"{slug}.json").read_text())
+    kept = json.loads(table.read_text()) if set(args.shapes) != set(SHAPES) else {}
     args.out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(Path(cache) / "tuning" / f"{slug}.json", args.out / f"{slug}.json")
-    entries = json.loads((args.out / f"{slug}.json").read_text())
-    print(f"wrote {args.out / slug}.json: {len(entries)} entries")
+    table.write_text(json.dumps({**kept, **measured}, indent=1, sort_keys=True))
+    print(f"wrote {table}: {len(measured)} entries measured, {len(kept)} kept", flush=True)
 
 
 if __name__ == "__main__":
