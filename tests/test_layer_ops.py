@@ -319,8 +319,9 @@ def prompt_then_continuation(model, ids: torch.Tensor, split: int) -> torch.Tens
 @needs_kernel_device
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fused_decoder_layers_match_transformers(family, monkeypatch):
-    """The decoder layers' add and post-attention norm in the kernel (here the interpreter on the
-    CPU in float32) give transformers' logits, the cache passed through to the attention."""
+    """The decoder layers' residual adds and the norms after them in the kernel (here the
+    interpreter on the CPU in float32) give transformers' logits, the cache passed through to
+    the attention: two calls a layer, the second handing the next norm its input's norm."""
     ids = random_ids(90)
     family_module = sys.modules[type(tiny_model(family).model.layers[0].self_attn).__module__]
     with torch.inference_mode():
@@ -329,10 +330,19 @@ def test_fused_decoder_layers_match_transformers(family, monkeypatch):
             before = prompt_then_continuation(tiny_model(family), ids, 70)
         monkeypatch.setattr(fused_layers, "_kernel_device", lambda x: True)  # the interpreter too
         calls = counted_add_rms_norm(monkeypatch)
+        taken = []
+        take = fused_layers._NormHandoff.take
+        monkeypatch.setattr(
+            fused_layers._NormHandoff,
+            "take",
+            lambda self, x: taken.append(take(self, x)) or taken[-1],
+        )
         model = tiny_model(family).to(KERNEL_DEVICE)
         fuse_layers(model)
         after = prompt_then_continuation(model, ids.to(KERNEL_DEVICE), 70)
-    assert calls == [(1, 70, 128)] * NUM_LAYERS + [(1, 20, 128)] * NUM_LAYERS
+    assert calls == [(1, 70, 128)] * 2 * NUM_LAYERS + [(1, 20, 128)] * 2 * NUM_LAYERS
+    # Every layer's output norm was handed over: the next layer's input norm, then the final one.
+    assert len(taken) == 2 * NUM_LAYERS and all(normed is not None for normed in taken)
     torch.testing.assert_close(after.cpu(), before, atol=1e-4, rtol=1e-4)
 
 

@@ -11,9 +11,12 @@ the same with or without sparsity, so they bound what sparse prefill can gain (B
   activations costs about as much as a pass over it (its pages are mapped afresh), the gate is
   computed in place (19 against 35 ms for [16384, 1536] bf16) and RoPE makes one new tensor,
   the rotated half added in place (4.0 against 10.2 ms for 9 heads of 64 at 16384 tokens).
-- The residual add after attention and the RMSNorm that follows it: one Triton pass
-  (``seer_kernels.add_rms_norm``) on CUDA tensors in the norm's dtype, the decoder layer's
-  forward swapped for one that calls it; elsewhere the plain add and the norm above.
+- Each residual add and the RMSNorm that follows it: one Triton pass (``seer_kernels.add_rms_norm``)
+  on CUDA tensors in the norm's dtype, the decoder layer's forward swapped for one that calls it;
+  elsewhere the plain add and the norm above. The add after attention meets the layer's own
+  post-attention norm; the add after the MLP, the layer's output, meets the norm that reads it
+  next (the next layer's input norm, or the model's final one), which is handed the normed
+  output (``_NormHandoff``).
 Modules keep their parameters and hooks; only their ``forward`` changes. A caller that needs
 more from a layer's RoPE pass than the rotated queries and keys (sparse prefill takes the
 pre-RoPE block pools its gates score there) hands that layer's pass to a tap
@@ -58,9 +61,35 @@ def fuse_layers(model) -> None:
             _set_forward(module, _decoder_layer_forward)
     # The attention layers call their modeling module's function by name: RoPE can only be
     # swapped there (for every model of that family in this process).
+    _link_output_norms(model)
     family = sys.modules[type(model.model.layers[0].self_attn).__module__]
     if not hasattr(family.apply_rotary_pos_emb, "unfused"):
         family.apply_rotary_pos_emb = _fused_rotary(family.apply_rotary_pos_emb)
+
+
+def _link_output_norms(model) -> None:
+    """Give each fused decoder layer a hand-off to the norm that reads its output."""
+    layers = model.model.layers
+    readers = [layer.input_layernorm for layer in layers[1:]] + [getattr(model.model, "norm", None)]
+    for layer, norm in zip(layers, readers, strict=True):
+        if "forward" in vars(layer) and norm is not None and _is_rms_norm(norm):
+            layer.seer_output_norm = norm.seer_input = _NormHandoff(norm)
+
+
+class _NormHandoff:
+    """A decoder layer's output and its norm by ``norm``, the module that reads that output
+    next, computed in the layer's last residual add and kept until ``norm`` is called on it."""
+
+    def __init__(self, norm: torch.nn.Module):
+        self.norm = norm
+        self.output: torch.Tensor | None = None
+        self.normed: torch.Tensor | None = None
+
+    def take(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The kept norm if x is the kept output (else None); either way nothing stays kept."""
+        normed = self.normed if x is self.output else None
+        self.output = self.normed = None
+        return normed
 
 
 def _set_forward(module: torch.nn.Module, forward) -> None:
@@ -91,6 +120,10 @@ def _is_silu_mlp(module: torch.nn.Module) -> bool:
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    handoff = getattr(self, "seer_input", None)
+    normed = handoff.take(hidden_states) if handoff is not None else None
+    if normed is not None:
+        return normed
     if hidden_states.dtype != self.weight.dtype:
         return type(self).forward(self, hidden_states)
     if hidden_states.device.type == "cpu":
@@ -137,7 +170,15 @@ def _decoder_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -
     else:
         residual = residual + hidden_states
         hidden_states = norm(residual)
-    return residual + self.mlp(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    handoff = getattr(self, "seer_output_norm", None)
+    if handoff is not None and _adds_in_kernel(residual, hidden_states, handoff.norm):
+        norm = handoff.norm
+        handoff.output, handoff.normed = add_rms_norm(
+            residual, hidden_states, norm.weight, norm.variance_epsilon
+        )
+        return handoff.output
+    return residual + hidden_states
 
 
 def _adds_in_kernel(residual: torch.Tensor, out: torch.Tensor, norm: torch.nn.Module) -> bool:
