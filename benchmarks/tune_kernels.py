@@ -62,7 +62,8 @@ def main() -> None:
     slug = tuning.gpu_slug(device)
     table = args.out / f"{slug}.json"
     measured = json.loads((Path(cache) / "tuning" / f"{slug}.json").read_text())
-    kept = json.loads(table.read_text()) if set(args.shapes) != set(SHAPES) else {}
+    partial = set(args.shapes) != set(SHAPES) and table.is_file()
+    kept = json.loads(table.read_text()) if partial else {}
     args.out.mkdir(parents=True, exist_ok=True)
     table.write_text(json.dumps({**kept, **measured}, indent=1, sort_keys=True))
     print(f"wrote {table}: {len(measured)} entries measured, {len(kept)} kept", flush=True)
