@@ -210,7 +210,7 @@ def test_attend_is_block_sparse_attention_on_the_selected_blocks(attached):
     torch.testing.assert_close(out, expected)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     assert (out - dense).abs().max() > 1e-2
-    assert prefill.stats.kept[0] == int(mask.sum())
+    assert prefill.stats.kept()[0] == int(mask.sum())
 
 
 @needs_kernel_device

@@ -84,26 +84,40 @@ def attention_kernel(device: torch.device) -> str:
 class SparsityStats:
     """Kept and causal block counts per layer, summed over heads.
 
-    Kept counts stay on the device until read, so recording them never waits for the GPU.
+    Kept counts stay on the device, unsummed, until read: recording one launches nothing and
+    never waits for the GPU.
     """
 
-    kept: dict[int, torch.Tensor | int] = field(default_factory=dict)
+    parts: dict[int, list[tuple[torch.Tensor | int, bool]]] = field(default_factory=dict)
     total: dict[int, int] = field(default_factory=dict)
 
-    def record(self, layer: int, kept: torch.Tensor | int, total: int) -> None:
-        self.kept[layer] = self.kept.get(layer, 0) + kept
+    def record(self, layer: int, kept: torch.Tensor | int, total: int, diagonals=False) -> None:
+        """Add a layer's kept and causal blocks. kept: a count, or a tensor of counts (summed when
+        read); ``diagonals``: each of its elements is a list row, which keeps its diagonal too."""
+        self.parts.setdefault(layer, []).append((kept, diagonals))
         self.total[layer] = self.total.get(layer, 0) + total
 
     def clear(self) -> None:
-        self.kept.clear()
+        self.parts.clear()
         self.total.clear()
+
+    def kept(self) -> dict[int, int]:
+        """Kept blocks per layer."""
+        return {layer: sum(_count(*part) for part in parts) for layer, parts in self.parts.items()}
 
     def overall(self) -> float | None:
         total = sum(self.total.values())
-        return 1 - sum(int(kept) for kept in self.kept.values()) / total if total else None
+        return 1 - sum(self.kept().values()) / total if total else None
 
     def per_layer(self) -> list[float]:
-        return [1 - int(self.kept[layer]) / self.total[layer] for layer in sorted(self.total)]
+        kept = self.kept()
+        return [1 - kept[layer] / self.total[layer] for layer in sorted(self.total)]
+
+
+def _count(kept: torch.Tensor | int, diagonals: bool) -> int:
+    if not isinstance(kept, torch.Tensor):
+        return kept
+    return int(kept.sum()) + (kept.numel() if diagonals else 0)
 
 
 class SparsePrefill:
@@ -220,17 +234,17 @@ class SparsePrefill:
             indices, counts = self._block_lists(
                 layer_idx, q, k, captured, pooled_keys, total_blocks
             )
-            self.stats.record(layer_idx, counts.sum() + b * hq * rows, causal_blocks)
+            self.stats.record(layer_idx, counts, causal_blocks, diagonals=True)
             return block_sparse_attention_from_lists(q, k, v, indices, counts, scaling)
         scores = self._scores(layer_idx, q, k, captured, pooled_keys, total_blocks)
         if kernel == "cpu":
             indices, counts = kept_lists(scores, self.policy, total_blocks)
             del scores
-            self.stats.record(layer_idx, counts.sum() + b * hq * rows, causal_blocks)
+            self.stats.record(layer_idx, counts, causal_blocks, diagonals=True)
             return block_sparse_attention_cpu(q, k, v, indices, counts, scaling)
         mask = select_blocks(scores, self.policy, total_blocks)
         causal = torch.ones(rows, nb, dtype=torch.bool, device=mask.device).tril(first)
-        self.stats.record(layer_idx, (mask & causal).sum(), causal_blocks)
+        self.stats.record(layer_idx, mask & causal, causal_blocks)
         return block_sparse_attention_reference(q, k, v, mask, scaling)
 
     def _compile_ahead(self, layer_idx, q, k, v, scaling, captured, pooled_keys, total_blocks):

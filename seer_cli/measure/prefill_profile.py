@@ -32,8 +32,8 @@ class _NotifyingStats(SparsityStats):
         super().__init__()
         self.on_record = on_record
 
-    def record(self, layer: int, kept, total: int) -> None:
-        super().record(layer, kept, total)
+    def record(self, layer: int, kept, total: int, diagonals=False) -> None:
+        super().record(layer, kept, total, diagonals)
         self.on_record(layer)
 
 
