@@ -11,8 +11,9 @@
   max-pooled block attention map used as the self-distillation target (Triton).
 - :func:`rotary_embedding` and :func:`silu_gate_`: the element-wise work around attention (RoPE,
   the MLP's SiLU gate) in one pass each (Triton); :func:`rotary_embedding_pooled` also pools the
-  pre-RoPE blocks the gates score, in the same pass; :func:`add_rms_norm` the residual add and
-  the RMSNorm after it, in one pass.
+  pre-RoPE blocks the gates score, in the same pass; :func:`rotary_embedding_pair` rotates a
+  layer's queries and keys (pooling them or not) in one launch; :func:`add_rms_norm` the residual
+  add and the RMSNorm after it, in one pass.
 - :func:`compiling_ahead`: a dry run of launches that compiles their kernels side by side.
 - ``*_reference``: the same functions in plain PyTorch, for tests and for machines without a GPU.
 """
@@ -38,6 +39,7 @@ from .layer_ops import (
     compile_add_rms_norm,
     compile_rotary,
     rotary_embedding,
+    rotary_embedding_pair,
     rotary_embedding_pooled,
     silu_gate_,
 )
@@ -71,6 +73,7 @@ __all__ = [
     "pooled_attention_reference",
     "pooled_block_features",
     "rotary_embedding",
+    "rotary_embedding_pair",
     "rotary_embedding_pooled",
     "rotary_embedding_reference",
     "silu_gate_",

@@ -92,8 +92,19 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` in host code. Triton's own ``cdiv`` and ``next_power_of_2`` are constexpr
+    functions, a few microseconds a call, and a sparse layer's launches made a dozen of them."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two that is at least n (n >= 1), in host code (see ``cdiv``)."""
+    return 1 << (n - 1).bit_length()
+
+
 def num_blocks(seq_len: int) -> int:
-    return math.ceil(seq_len / BLOCK)
+    return cdiv(seq_len, BLOCK)
 
 
 def check_attention_inputs(
@@ -176,7 +187,7 @@ def softmax_scale(sm_scale: float | None, head_dim: int) -> float:
 
 def seq_bucket(seq_len: int) -> int:
     """Autotune key: lengths bucketed to powers of two so a new prompt length does not re-tune."""
-    return triton.next_power_of_2(seq_len)
+    return next_power_of_2(seq_len)
 
 
 @triton.jit

@@ -51,6 +51,7 @@ from ._common import (
     attend_scores_pair,
     autotuned,
     causal_keep,
+    cdiv,
     check_attention_inputs,
     check_kernel_launch,
     contiguous_last,
@@ -370,7 +371,7 @@ def last_row_splits(kv_len: int, head_dim: int) -> int:
     before it)."""
     if head_dim not in LAST_ROW_SPLIT_HEAD_DIMS:
         return 1
-    return triton.cdiv(num_blocks(kv_len), LAST_ROW_SPLIT_ENTRIES)
+    return cdiv(num_blocks(kv_len), LAST_ROW_SPLIT_ENTRIES)
 
 
 def _launch_block_sparse(q, k, v, indices, counts, scale: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, interpreting, num_blocks, on_device, run_kernel
+from ._common import BLOCK, cdiv, interpreting, num_blocks, on_device, run_kernel
 
 FEATURE_ROWS = 16  # blocks pooled per program, and query rows scored per work item (tl.dot's M)
 # Measured on the H100 (bench_gates.py --sweep, BENCHMARKS.md): 4 warps beat 8.
@@ -296,7 +296,7 @@ def _launch_features(q, k, weight_q, weight_k, cos, sin, hidden, query_start, k_
     cos, sin = (cos, sin) if gate else (q, q)
     w_strides = lambda w: (w.stride(0), w.stride(1)) if w is not q else (0, 0)  # noqa: E731
     t_strides = (cos.stride(0), cos.stride(1)) if gate else (0, 0)
-    grid = (triton.cdiv(max(q_blocks, k_blocks), FEATURE_ROWS), b * (hq + hkv))
+    grid = (cdiv(max(q_blocks, k_blocks), FEATURE_ROWS), b * (hq + hkv))
     with on_device(q.device):
         run_kernel(
             _block_features, grid, q, k, wq, wk, cos, sin, qf, kf,

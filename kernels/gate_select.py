@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device, run_kernel
+from ._common import cdiv, next_power_of_2, on_device, run_kernel
 from .gate_features import DOT_PRECISION, FEATURE_ROWS, _check_device
 
 # Key blocks per logits tile and logits held in registers while selecting; the fastest of
@@ -331,7 +331,7 @@ class _Selection:
         self.qf, self.kf = (x if x.stride(-1) == 1 else x.contiguous() for x in (qf, kf))
         self.scale, self.keep_sink, self.dense_row = scale, keep_sink, dense_row
         self.local_blocks, self.query_offset = min(local_blocks, self.keys), query_offset
-        self.key_slots = max(triton.next_power_of_2(max(self.keys, max_keys or 0)), 16)
+        self.key_slots = max(next_power_of_2(max(self.keys, max_keys or 0)), 16)
 
     def lists(self, mode, width: int | None, *, budgets=None, threshold=None, row_scale=None,
               cuts=None):  # fmt: skip
@@ -350,7 +350,7 @@ class _Selection:
         b, hq, n, hidden = qf.shape
         key_slots = self.key_slots
         half, quarter = max(key_slots // 2, 16), max(key_slots // 4, 16)
-        groups = triton.cdiv(n, FEATURE_ROWS)
+        groups = cdiv(n, FEATURE_ROWS)
         items = b * hq * groups
         programs = min(items, _program_slots(qf.device))
         scratch = torch.empty(programs * FEATURE_ROWS * key_slots, dtype=torch.float32,

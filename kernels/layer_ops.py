@@ -27,7 +27,9 @@ import triton.language as tl
 from ._common import (
     BLOCK,
     SUPPORTED_HEAD_DIMS,
+    cdiv,
     compiling_ahead,
+    next_power_of_2,
     on_device,
     only_compiling,
     run_kernel,
@@ -47,39 +49,65 @@ NORM_ELEMENTS = 4096
 COMPILED_NORM_WIDTHS = (1024, 2048, 4096, 8192)
 
 
-@triton.jit(do_not_specialize=["seq_len", "num_heads"])
+@triton.jit(do_not_specialize=["seq_len", "x_heads", "y_heads"])
 def _rotary(
-    X, COS, SIN, OUT, POOLED,
-    stride_xb, stride_xh, stride_xs, stride_tb, stride_ts, stride_ob, stride_oh, stride_os,
-    stride_pb, stride_pn, stride_ph,
-    seq_len, num_heads,
+    X, Y, COS, SIN, OUT_X, OUT_Y, POOLED_X, POOLED_Y,
+    stride_xb, stride_xh, stride_xs, stride_yb, stride_yh, stride_ys, stride_tb, stride_ts,
+    stride_oxb, stride_oxh, stride_oxs, stride_oyb, stride_oyh, stride_oys,
+    stride_pxb, stride_pxn, stride_pxh, stride_pyb, stride_pyn, stride_pyh,
+    seq_len, x_heads, y_heads,
+    HALF: tl.constexpr, HALF_SLOTS: tl.constexpr, ROWS: tl.constexpr, POOL_X: tl.constexpr,
+    POOL_Y: tl.constexpr,
+):  # fmt: skip
+    # A program rotates ROWS token rows of one head of X (heads 0 … x_heads - 1 of the launch)
+    # or of Y (the next y_heads): a layer's queries and keys in one launch.
+    batch = (tl.program_id(1) // (x_heads + y_heads)).to(tl.int64)
+    head = (tl.program_id(1) % (x_heads + y_heads)).to(tl.int64)
+    first = tl.program_id(0).to(tl.int64) * ROWS
+    cos = COS + batch * stride_tb
+    sin = SIN + batch * stride_tb
+    if head < x_heads:
+        _rotate_rows(
+            X + batch * stride_xb + head * stride_xh, stride_xs, cos, sin, stride_ts,
+            OUT_X + batch * stride_oxb + head * stride_oxh, stride_oxs,
+            POOLED_X + batch * stride_pxb + (first // ROWS) * stride_pxn + head * stride_pxh,
+            first, seq_len, HALF, HALF_SLOTS, ROWS, POOL_X,
+        )  # fmt: skip
+    else:
+        head -= x_heads
+        _rotate_rows(
+            Y + batch * stride_yb + head * stride_yh, stride_ys, cos, sin, stride_ts,
+            OUT_Y + batch * stride_oyb + head * stride_oyh, stride_oys,
+            POOLED_Y + batch * stride_pyb + (first // ROWS) * stride_pyn + head * stride_pyh,
+            first, seq_len, HALF, HALF_SLOTS, ROWS, POOL_Y,
+        )  # fmt: skip
+
+
+@triton.jit
+def _rotate_rows(
+    x_base, stride_xs, cos_base, sin_base, stride_ts, o_base, stride_os, p_base, first, seq_len,
     HALF: tl.constexpr, HALF_SLOTS: tl.constexpr, ROWS: tl.constexpr, POOL: tl.constexpr,
 ):  # fmt: skip
-    # A program rotates ROWS token rows of one head; with POOL (1: mean, 2: max, min and mean)
-    # those rows are one block, and the program also writes their pre-RoPE pools.
-    batch = (tl.program_id(1) // num_heads).to(tl.int64)
-    head = (tl.program_id(1) % num_heads).to(tl.int64)
-    first = tl.program_id(0).to(tl.int64) * ROWS
+    """RoPE of ROWS token rows of one head from ``first``; with POOL (1: mean, 2: max, min and
+    mean) those rows are one block, whose pre-RoPE pools go to ``p_base``."""
     rows = first + tl.arange(0, ROWS)
     cols = tl.arange(0, HALF_SLOTS)
     valid = (rows < seq_len)[:, None] & (cols < HALF)[None, :]
-    x_ptrs = (X + batch * stride_xb + head * stride_xh + rows[:, None] * stride_xs
-              + cols[None, :])  # fmt: skip
-    t_off = batch * stride_tb + rows[:, None] * stride_ts + cols[None, :]
+    x_ptrs = x_base + rows[:, None] * stride_xs + cols[None, :]
+    t_off = rows[:, None] * stride_ts + cols[None, :]
     x1 = tl.load(x_ptrs, mask=valid, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + HALF, mask=valid, other=0.0).to(tl.float32)
-    cos1 = tl.load(COS + t_off, mask=valid, other=0.0).to(tl.float32)
-    cos2 = tl.load(COS + t_off + HALF, mask=valid, other=0.0).to(tl.float32)
-    sin1 = tl.load(SIN + t_off, mask=valid, other=0.0).to(tl.float32)
-    sin2 = tl.load(SIN + t_off + HALF, mask=valid, other=0.0).to(tl.float32)
+    cos1 = tl.load(cos_base + t_off, mask=valid, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_base + t_off + HALF, mask=valid, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_base + t_off, mask=valid, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_base + t_off + HALF, mask=valid, other=0.0).to(tl.float32)
     # rotate_half(x) = [-x2, x1]
-    o_ptrs = (OUT + batch * stride_ob + head * stride_oh + rows[:, None] * stride_os
-              + cols[None, :])  # fmt: skip
-    tl.store(o_ptrs, (x1 * cos1 - x2 * sin1).to(OUT.dtype.element_ty), mask=valid)
-    tl.store(o_ptrs + HALF, (x2 * cos2 + x1 * sin2).to(OUT.dtype.element_ty), mask=valid)
+    o_ptrs = o_base + rows[:, None] * stride_os + cols[None, :]
+    tl.store(o_ptrs, (x1 * cos1 - x2 * sin1).to(o_base.dtype.element_ty), mask=valid)
+    tl.store(o_ptrs + HALF, (x2 * cos2 + x1 * sin2).to(o_base.dtype.element_ty), mask=valid)
     if POOL > 0:
         count = tl.minimum(seq_len - first, ROWS).to(tl.float32)
-        p_ptrs = POOLED + batch * stride_pb + (first // ROWS) * stride_pn + head * stride_ph + cols
+        p_ptrs = p_base + cols
         # Channels as pool_queries / pool_keys lay them out: [mean] or [max, min, mean].
         mean_at = 0 if POOL == 1 else 4 * HALF
         col_ok = cols < HALF
@@ -130,7 +158,7 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """RoPE of x [b, H, s, d] (any strides with a unit last one) by cos/sin [b or 1, s, d], the
     tables a transformers rotary module returns (scaling folded in): a new tensor laid out as x.
     """
-    return _launch_rotary(x, cos, sin, pool=0)[0]
+    return _launch_rotary(cos, sin, (x, 0))[0][0]
 
 
 def rotary_embedding_pooled(
@@ -140,51 +168,84 @@ def rotary_embedding_pooled(
     gates score: blocks of 64 tokens from x's first (the last block pools the tokens it has),
     float32, means ``[b, nb, H, d]`` as ``pool_queries`` makes them or, for ``keys``, max, min
     and mean ``[b, nb, H, 3d]`` as ``pool_keys`` does. Returns (rotated x, pools)."""
-    return _launch_rotary(x, cos, sin, pool=2 if keys else 1)
+    return _launch_rotary(cos, sin, (x, 2 if keys else 1))[0]
 
 
-def _launch_rotary(x, cos, sin, pool: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    b, heads, s, d = x.shape
-    if d % 2 or x.stride(-1) != 1 or cos.shape[-2:] != (s, d) or sin.shape != cos.shape:
-        raise ValueError(f"rotary tables {tuple(cos.shape)} do not fit x {tuple(x.shape)}.")
+def rotary_embedding_pair(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, pools: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A layer's queries and keys (one length, head counts of their own) rotated in one launch:
+    :func:`rotary_embedding` of each or, with ``pools``, :func:`rotary_embedding_pooled` of q as
+    queries and of k as keys. Returns (rotated q, rotated k, q's pools, k's pools), the pools
+    None without ``pools``."""
+    (q_out, q_pools), (k_out, k_pools) = _launch_rotary(
+        cos, sin, (q, 1 if pools else 0), (k, 2 if pools else 0)
+    )
+    return q_out, k_out, q_pools, k_pools
+
+
+def _launch_rotary(cos, sin, *inputs) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """One launch over one or two ``(x, pool)`` inputs of one length and head_dim; pool 0: none,
+    1: means, 2: max, min and means. Returns (rotated x, pools or None) for each."""
+    b, _, s, d = inputs[0][0].shape
+    if any(x.shape[0] != b or x.shape[2:] != (s, d) or x.stride(-1) != 1 for x, _ in inputs):
+        raise ValueError("queries and keys must share batch, length and head_dim, with unit last "
+                         "strides.")  # fmt: skip
+    if d % 2 or cos.shape[-2:] != (s, d) or sin.shape != cos.shape:
+        raise ValueError(
+            f"rotary tables {tuple(cos.shape)} do not fit x {tuple(inputs[0][0].shape)}."
+        )
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty_like(x)
-    pooled = None
-    if pool:
-        width = d if pool == 1 else 3 * d
-        pooled = torch.empty(b, triton.cdiv(s, BLOCK), heads, width, dtype=torch.float32,
-                             device=x.device)  # fmt: skip
-    # Unused when not pooling: points at out with zero strides.
-    p_strides = (pooled.stride(0), pooled.stride(1), pooled.stride(2)) if pool else (0, 0, 0)
-    rows = BLOCK if pool else ROTARY_ROWS
+    results = []
+    for x, pool in inputs:
+        out = torch.empty_like(x)
+        pooled = None
+        if pool:
+            width = d if pool == 1 else 3 * d
+            pooled = torch.empty(b, cdiv(s, BLOCK), x.shape[1], width, dtype=torch.float32,
+                                 device=x.device)  # fmt: skip
+        results.append((out, pooled))
+    # A single input also stands in as the second, with no heads.
+    (x, x_pool), (y, y_pool) = inputs[0], inputs[-1]
+    (x_out, x_pooled), (y_out, y_pooled) = results[0], results[-1]
+    y_heads = y.shape[1] if len(inputs) > 1 else 0
+    rows = BLOCK if x_pool or y_pool else ROTARY_ROWS
     table_batch_stride = cos.stride(0) if cos.shape[0] == b else 0
-    grid = (triton.cdiv(s, rows), b * heads)
+    grid = (cdiv(s, rows), b * (x.shape[1] + y_heads))
     with on_device(x.device):
         run_kernel(
-            _rotary, grid, x, cos, sin, out, out if pooled is None else pooled,
-            x.stride(0), x.stride(1), x.stride(2), table_batch_stride, cos.stride(1),
-            out.stride(0), out.stride(1), out.stride(2), *p_strides,
-            s, heads, HALF=d // 2, HALF_SLOTS=triton.next_power_of_2(d // 2), ROWS=rows,
-            POOL=pool,
+            _rotary, grid, x, y, cos, sin, x_out, y_out,
+            x_out if x_pooled is None else x_pooled, y_out if y_pooled is None else y_pooled,
+            *x.stride()[:3], *y.stride()[:3], table_batch_stride, cos.stride(1),
+            *x_out.stride()[:3], *y_out.stride()[:3],
+            *_pool_strides(x_pooled), *_pool_strides(y_pooled),
+            s, x.shape[1], y_heads, HALF=d // 2, HALF_SLOTS=next_power_of_2(d // 2), ROWS=rows,
+            POOL_X=x_pool, POOL_Y=y_pool,
         )  # fmt: skip
-    return out, pooled
+    return results
+
+
+def _pool_strides(pooled: torch.Tensor | None) -> tuple[int, int, int]:
+    """Batch, block and head strides of pools; zeros where there are none (the kernel's pointer
+    then stands on the rotated output, never written through)."""
+    return (0, 0, 0) if pooled is None else (pooled.stride(0), pooled.stride(1), pooled.stride(2))
 
 
 def compile_rotary(device: torch.device, dtype: torch.dtype) -> None:
-    """Compile the RoPE kernels every prefill in ``dtype`` runs (plain, and pooling for sparse
-    prefill's gates) for each head_dim the attention kernels take, side by side; what the first
-    prefill of a process then finds ready (``seer_cli``'s GPU warm-up calls this). Inside
-    :func:`compiling_ahead` they join its compiles."""
+    """Compile the RoPE kernels every prefill in ``dtype`` runs (a layer's queries and keys,
+    plain, and pooling for sparse prefill's gates) for each head_dim the attention kernels take,
+    side by side; what the first prefill of a process then finds ready (``seer_cli``'s GPU
+    warm-up calls this). Inside :func:`compiling_ahead` they join its compiles."""
     with _ahead():
         for d in SUPPORTED_HEAD_DIMS:
             # Laid out as attention layers hand q and k over: [b, H, s, d] seen from [b, s, H, d].
-            x = torch.empty(1, BLOCK, 2, d, device=device, dtype=dtype).transpose(1, 2)
+            q = torch.empty(1, BLOCK, 3, d, device=device, dtype=dtype).transpose(1, 2)
+            k = torch.empty(1, BLOCK, 2, d, device=device, dtype=dtype).transpose(1, 2)
             table = torch.empty(1, BLOCK, d, device=device, dtype=dtype)
-            rotary_embedding(x, table, table)
-            for keys in (False, True):
-                rotary_embedding_pooled(x, table, table, keys=keys)
+            for pools in (False, True):
+                rotary_embedding_pair(q, k, table, table, pools=pools)
 
 
 def silu_gate_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -194,7 +255,7 @@ def silu_gate_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                          "tensors of one shape.")  # fmt: skip
     numel = gate.numel()
     with on_device(gate.device):
-        _silu_gate[(triton.cdiv(numel, GATE_ELEMENTS),)](gate, up, numel, BLOCK_SIZE=GATE_ELEMENTS)
+        _silu_gate[(cdiv(numel, GATE_ELEMENTS),)](gate, up, numel, BLOCK_SIZE=GATE_ELEMENTS)
     return gate
 
 
@@ -224,11 +285,11 @@ def add_rms_norm(
     rows = x_rows.shape[0]
     if rows == 0:
         return total, normed
-    cols = triton.next_power_of_2(hidden)
+    cols = next_power_of_2(hidden)
     per_program = max(1, NORM_ELEMENTS // cols)
     with on_device(x.device):
         run_kernel(
-            _add_rms_norm, (triton.cdiv(rows, per_program),), x_rows, y_rows,
+            _add_rms_norm, (cdiv(rows, per_program),), x_rows, y_rows,
             weight.contiguous(), total, normed, rows, hidden, x_rows.stride(0), y_rows.stride(0),
             hidden, eps, COLS=cols, ROWS=per_program, num_warps=_norm_warps(per_program * cols),
         )  # fmt: skip

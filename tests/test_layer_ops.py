@@ -14,6 +14,7 @@ from seer_kernels import (
     compile_rotary,
     layer_ops,
     rotary_embedding,
+    rotary_embedding_pair,
     rotary_embedding_pooled,
     rotary_embedding_reference,
     silu_gate_,
@@ -96,6 +97,39 @@ def test_rotary_kernel_pools_the_blocks_it_rotates(shape, dtype, keys):
     assert (pooled.double() - oracle).abs().max() <= 1e-5 * max(1, oracle.abs().max())
 
 
+@needs_kernel_device
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("pools", [False, True], ids=["plain", "pooled"])
+@pytest.mark.parametrize("s", [1, 130])
+def test_rotary_pair_is_each_tensor_rotated_alone(s, pools, dtype):
+    """One launch over a layer's queries and keys (their own head counts and layouts) gives what
+    a launch for each gives, pools included."""
+    q = heads_second(2, s, 5, 64, dtype, KERNEL_DEVICE, seed=8)
+    k = torch.randn(2, 2, s, 64, generator=torch.Generator().manual_seed(9)).to(
+        KERNEL_DEVICE, dtype
+    )
+    cos, sin = rope_tables(2, s, 64, dtype, KERNEL_DEVICE)
+    q_out, k_out, q_pools, k_pools = rotary_embedding_pair(q, k, cos, sin, pools=pools)
+    assert q_out.stride() == q.stride() and k_out.stride() == k.stride()
+    if pools:
+        for (out, pooled), x, keys in ((q_out, q_pools), q, False), ((k_out, k_pools), k, True):
+            alone, alone_pools = rotary_embedding_pooled(x, cos, sin, keys=keys)
+            torch.testing.assert_close(out, alone, atol=0, rtol=0)
+            torch.testing.assert_close(pooled, alone_pools, atol=0, rtol=0)
+    else:
+        assert q_pools is None and k_pools is None
+        torch.testing.assert_close(q_out, rotary_embedding(q, cos, sin), atol=0, rtol=0)
+        torch.testing.assert_close(k_out, rotary_embedding(k, cos, sin), atol=0, rtol=0)
+
+
+@needs_kernel_device
+def test_rotary_pair_refuses_tensors_of_other_lengths():
+    q = torch.randn(1, 3, 10, 64, device=KERNEL_DEVICE)
+    cos, sin = rope_tables(1, 10, 64, torch.float32, KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="share batch, length and head_dim"):
+        rotary_embedding_pair(q, q[:, :, :9], cos, sin)
+
+
 @needs_gpu
 def test_compiled_rotary_kernels_serve_a_prefill_without_compiling(monkeypatch):
     """What the GPU warm-up compiles while a model loads is what a prefill's RoPE then runs."""
@@ -104,12 +138,12 @@ def test_compiled_rotary_kernels_serve_a_prefill_without_compiling(monkeypatch):
     compiled = []
     monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook",
                         lambda *args, **kwargs: compiled.append(kwargs))  # fmt: skip
-    for d, heads in ((64, 9), (128, 32)):
-        x = heads_second(1, 1000, heads, d, torch.bfloat16, "cuda", seed=6)
+    for d, heads, kv_heads in ((64, 9, 3), (128, 32, 8)):
+        q = heads_second(1, 1000, heads, d, torch.bfloat16, "cuda", seed=6)
+        k = heads_second(1, 1000, kv_heads, d, torch.bfloat16, "cuda", seed=7)
         cos, sin = rope_tables(1, 1000, d, torch.bfloat16, "cuda")
-        rotary_embedding(x, cos, sin)
-        for keys in (False, True):
-            rotary_embedding_pooled(x, cos, sin, keys=keys)
+        for pools in (False, True):
+            rotary_embedding_pair(q, k, cos, sin, pools=pools)
     torch.cuda.synchronize()
     assert not compiled
 

@@ -156,3 +156,14 @@ def test_gpu_warmup_fails_silently(monkeypatch):
     monkeypatch.setattr(threading, "excepthook", failures.append)
     start_gpu_warmup(torch.device("cuda"), torch.bfloat16).join(timeout=60)
     assert failures == []
+
+
+def test_host_cdiv_and_power_of_two_are_tritons():
+    """The host-side helpers give Triton's answers (the launch table keys lengths by them)."""
+    import triton
+    from seer_kernels._common import cdiv, next_power_of_2, seq_bucket
+
+    for n in [*range(1, 300), 4095, 4096, 4097, 131072, 131073, 10**9]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n) == seq_bucket(n)
+        for d in (1, 7, 16, 64):
+            assert cdiv(n, d) == triton.cdiv(n, d)

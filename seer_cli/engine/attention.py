@@ -33,7 +33,7 @@ from seer_kernels import (
     can_compile_ahead,
     compiling_ahead,
     kept_block_indices,
-    rotary_embedding_pooled,
+    rotary_embedding_pair,
 )
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
@@ -182,15 +182,18 @@ class SparsePrefill:
     def _store(self, layer_idx: int, name: str, x: torch.Tensor) -> None:
         self._captured.setdefault(layer_idx, {})[name] = x
         # The layer's RoPE comes next, after its keys: its pass pools for the gates.
-        uses_pools = self.gates is not None and attention_kernel(x.device) == "triton"
-        if name == "k" and uses_pools and self._pool_in_rope:
+        if (
+            name == "k"
+            and self.gates is not None
+            and self._pool_in_rope
+            and attention_kernel(x.device) == "triton"
+        ):
             tap_next_rotary(lambda q, k, cos, sin: self._rotate_and_pool(layer_idx, q, k, cos, sin))
 
     def _rotate_and_pool(self, layer_idx: int, q, k, cos, sin):
         """The fused RoPE of one layer's prompt queries and keys, which also keeps their pre-RoPE
         block pools (blocks of 64 from the first token of this pass) for the gates."""
-        q_rotated, q_pooled = rotary_embedding_pooled(q, cos, sin, keys=False)
-        k_rotated, k_pooled = rotary_embedding_pooled(k, cos, sin, keys=True)
+        q_rotated, k_rotated, q_pooled, k_pooled = rotary_embedding_pair(q, k, cos, sin, pools=True)
         self._store(layer_idx, "q_pooled", q_pooled)
         self._store(layer_idx, "k_pooled", k_pooled)
         return q_rotated, k_rotated

@@ -6,7 +6,7 @@ the same with or without sparsity, so they bound what sparse prefill can gain (B
 - RMSNorm: PyTorch's own ``rms_norm`` (one kernel on the GPU, 7× faster there). On the CPU it
   runs over a few rows at a time in float32, whose working copy then stays in cache: 5.8
   against 33 ms for a [16384, 576] bf16 norm on the 2-core Xeon (identical per row).
-- RoPE and the MLP's SiLU gate: seer's Triton kernels (``seer_kernels.rotary_embedding``,
+- RoPE and the MLP's SiLU gate: seer's Triton kernels (``seer_kernels.rotary_embedding_pair``,
   ``silu_gate_``) on CUDA tensors. On the CPU, where each new tensor the size of the prompt's
   activations costs about as much as a pass over it (its pages are mapped afresh), the gate is
   computed in place (19 against 35 ms for [16384, 1536] bf16) and RoPE makes one new tensor,
@@ -27,7 +27,7 @@ import sys
 import types
 
 import torch
-from seer_kernels import add_rms_norm, rotary_embedding, silu_gate_
+from seer_kernels import add_rms_norm, rotary_embedding_pair, silu_gate_
 
 # The tap the next fused RoPE call hands its work to (see tap_next_rotary).
 _next_rotary_tap = None
@@ -216,10 +216,12 @@ def _fused_rotary(unfused):
         global _next_rotary_tap
         tap, _next_rotary_tap = _next_rotary_tap, None
         fits = cos.dim() == 3 and cos.shape[-1] == q.shape[-1] and unsqueeze_dim == 1
-        if _kernel_device(q) and fits and q.stride(-1) == 1 and k.stride(-1) == 1:
+        # One launch rotates both: queries and keys of one batch, length and head_dim.
+        pairs = q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:]
+        if _kernel_device(q) and fits and pairs and q.stride(-1) == 1 and k.stride(-1) == 1:
             if tap is not None:
                 return tap(q, k, cos, sin)
-            return rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)
+            return rotary_embedding_pair(q, k, cos, sin)[:2]
         if q.device.type == "cpu" and fits:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             return _rotate_on_cpu(q, cos, sin), _rotate_on_cpu(k, cos, sin)
