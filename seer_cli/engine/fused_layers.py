@@ -59,9 +59,9 @@ def fuse_layers(model) -> None:
             _set_forward(module, _silu_mlp_forward)
         elif _is_decoder_layer(module):
             _set_forward(module, _decoder_layer_forward)
+    _link_output_norms(model)
     # The attention layers call their modeling module's function by name: RoPE can only be
     # swapped there (for every model of that family in this process).
-    _link_output_norms(model)
     family = sys.modules[type(model.model.layers[0].self_attn).__module__]
     if not hasattr(family.apply_rotary_pos_emb, "unfused"):
         family.apply_rotary_pos_emb = _fused_rotary(family.apply_rotary_pos_emb)
