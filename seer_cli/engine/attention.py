@@ -91,7 +91,9 @@ class SparsityStats:
     parts: dict[int, list[tuple[torch.Tensor | int, bool]]] = field(default_factory=dict)
     total: dict[int, int] = field(default_factory=dict)
 
-    def record(self, layer: int, kept: torch.Tensor | int, total: int, diagonals=False) -> None:
+    def record(
+        self, layer: int, kept: torch.Tensor | int, total: int, diagonals: bool = False
+    ) -> None:
         """Add a layer's kept and causal blocks. kept: a count, or a tensor of counts (summed when
         read); ``diagonals``: each of its elements is a list row, which keeps its diagonal too."""
         self.parts.setdefault(layer, []).append((kept, diagonals))

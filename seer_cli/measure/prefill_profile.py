@@ -32,7 +32,7 @@ class _NotifyingStats(SparsityStats):
         super().__init__()
         self.on_record = on_record
 
-    def record(self, layer: int, kept, total: int, diagonals=False) -> None:
+    def record(self, layer: int, kept, total: int, diagonals: bool = False) -> None:
         super().record(layer, kept, total, diagonals)
         self.on_record(layer)
 
